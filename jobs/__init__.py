@@ -1,0 +1,1 @@
+"""Entry points: run, nightly, submit, query, demo, bench."""

@@ -1,0 +1,107 @@
+"""`vitlabel` command line: one subcommand per job module, all filling the same JobConfig.
+
+Each job module exposes `add_parser(subparsers)`, which registers its subcommand and sets
+`func(args) -> int` as the handler. Flags for JobConfig fields are generated from the dataclass,
+so the CLI, a job file (`--job-file job.toml`) and the Python API cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from typing import Any
+
+from pipeline.config import ConfigError, JobConfig, read_job_file
+
+SUBCOMMANDS = ("run", "nightly", "submit", "query", "report", "demo", "bench")
+_FIELD_HELP: dict[str, str] = {}
+
+
+def _field_help() -> dict[str, str]:
+    """Field comments in config.py are the help text (read once from the source)."""
+    if not _FIELD_HELP:
+        import inspect
+        import re
+
+        import pipeline.config as config_module
+
+        for line in inspect.getsource(config_module.JobConfig).splitlines():
+            m = re.match(r"\s+(\w+): .*?#\s*(.+)$", line)
+            if m:
+                _FIELD_HELP[m.group(1)] = m.group(2).replace("%", "%%")
+    return _FIELD_HELP
+
+
+def add_config_args(p: argparse.ArgumentParser, *, positional_io: bool = False) -> None:
+    """Add --job-file, --dry-run and one kebab-case flag per JobConfig field (default: unset)."""
+    helps = _field_help()
+    p.add_argument("--job-file", help="TOML, YAML or JSON job file; flags given here override it")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
+    for f in dataclasses.fields(JobConfig):
+        flag = "--" + f.name.replace("_", "-")
+        h = helps.get(f.name, "")
+        if f.name == "extra":
+            p.add_argument("--tag", dest="extra", action="append", metavar="KEY=VALUE", help=h)
+        elif f.type == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=typ, default=None, help=h)
+
+
+def config_from_args(args: argparse.Namespace, **defaults: Any) -> JobConfig:
+    """`defaults` from the subcommand < job file < explicit flags."""
+    values: dict[str, Any] = dict(defaults)
+    if getattr(args, "job_file", None):
+        values.update(read_job_file(args.job_file))
+    for f in dataclasses.fields(JobConfig):
+        v = getattr(args, f.name, None)
+        if v is None:
+            continue
+        if f.name == "extra":
+            pairs = [s.split("=", 1) for s in v]
+            bad = [s for s, kv in zip(v, pairs, strict=True) if len(kv) != 2]
+            if bad:
+                raise ConfigError(f"tag: expected KEY=VALUE, got {bad[0]!r}")
+            v = dict(pairs)
+        values[f.name] = v
+    return JobConfig.from_dict(values)
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitlabel", description="Batch image labelling on Ray with a ViT.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        if importlib.util.find_spec(f"jobs.{name}") is not None:  # each job module registers itself
+            importlib.import_module(f"jobs.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"vitlabel: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitlabel: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""`vitlabel run`: label every pending shard of an input into an output table, once."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from jobs.cli import add_config_args, config_from_args, print_json
+from pipeline.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="label the shards of --input into --output (skips shards already committed)")
+    add_config_args(p)
+    p.set_defaults(func=main)
+
+
+def dry_run(cfg: JobConfig) -> int:
+    """Resolve everything the driver would (config, model, shards) without starting Ray."""
+    print_json(describe(cfg))
+    return 0
+
+
+def describe(cfg: JobConfig) -> dict:
+    """The resolved config and plan, as `--dry-run` prints it."""
+    from pipeline.plan import plan_shards, resolve
+
+    cfg, info = resolve(cfg)
+    shards, pending = plan_shards(cfg, info.digest)
+    return {
+        "config": cfg.to_dict(),
+        "model": {"name": cfg.model_name, "digest": info.digest, "labels": len(info.labels),
+                  "contract": info.contract.__dict__},
+        "shards": {"total": len(shards), "pending": len(pending), "first": [s.uri for s in pending[:5]]},
+        "stages": ["read_shards", "preprocess_batch", f"Predictor x{cfg.min_actors}..{cfg.max_actors}",
+                   "LabelDatasink", "commit"],
+    }
+
+
+def execute(cfg: JobConfig) -> int:
+    from pipeline.plan import run
+
+    summary = run(cfg).to_dict()
+    print_json(summary)
+    if summary["shard_error_list"]:
+        print(f"vitlabel: {len(summary['shard_error_list'])} shard(s) had errors; see shard_error_list",
+              file=sys.stderr)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    return dry_run(cfg) if args.dry_run else execute(cfg)

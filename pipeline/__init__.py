@@ -1,0 +1,1 @@
+"""vitlabel: batch image labelling on Ray."""

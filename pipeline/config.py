@@ -1,0 +1,206 @@
+"""One typed config for a labelling job, and the image contract a model carries.
+
+The CLI (`vitlabel run --flag ...`), a job file (TOML, YAML or JSON) and the Python API all fill
+the same frozen `JobConfig`; validation happens once, here, with "expected X, got Y" messages.
+Credentials are never config fields: object-store keys come from the environment (AWS_* for S3),
+so a saved config can be shown and stored with every run without leaking anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILTIN_MODEL = "builtin:digits"
+INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+RESIZE_MODES = ("squash", "shortest")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
+# Pillow's own default bomb limit is 89.5 MP (warning) / 179 MP (error); we make the error explicit.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or of the wrong type."""
+
+
+def _expect(ok: bool, name: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class ImageContract:
+    """How a model wants its pixels: owned by the model, consumed by preprocessing.
+
+    Patch layout (defined once): an image [H, W, 3] becomes tokens [N, P*P*3] with N = (H/P)*(W/P)
+    patches in row-major order, each patch flattened in (row, col, channel) order.
+    """
+
+    image_size: tuple[int, int]  # (H, W) fed to the model
+    patch_size: int
+    resize: str = "squash"  # squash: resize to exactly (H, W) (HF ViTImageProcessor); shortest: timm-style
+    crop_pct: float = 1.0  # shortest: resize shorter side to size / crop_pct, then center-crop (H, W)
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        h, w = self.image_size
+        p = self.patch_size
+        _expect(p > 0 and h % p == 0 and w % p == 0, "image_size", f"multiples of patch_size={p}", self.image_size)
+        _expect(self.resize in RESIZE_MODES, "resize", f"one of {RESIZE_MODES}", self.resize)
+        _expect(self.interpolation in INTERPOLATIONS, "interpolation", f"one of {INTERPOLATIONS}", self.interpolation)
+        _expect(0 < self.crop_pct <= 1, "crop_pct", "0 < crop_pct <= 1", self.crop_pct)
+        _expect(len(self.mean) == 3 and len(self.std) == 3, "mean/std", "3 values each", (self.mean, self.std))
+        _expect(all(s > 0 for s in self.std), "std", "positive values", self.std)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid
+        return gh * gw
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size * self.patch_size * 3
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Every knob of a labelling job. Field comments double as CLI help."""
+
+    input: str = ""  # shard URL, glob or prefix: /data/shards, s3://bucket/prefix/*.tar, ...
+    output: str = ""  # table root: local path or fsspec URL (s3://bucket/labels)
+    model: str = BUILTIN_MODEL  # builtin:digits, a HF checkpoint dir, or a timm state dict (local or fsspec URL)
+    model_name: str = ""  # partition name; default: from the checkpoint
+    input_format: str = "auto"  # auto, webdataset, parquet or folder
+    image_column: str = "auto"  # parquet: column holding image bytes (or an HF {bytes, path} struct)
+    key_column: str = "auto"  # parquet: column used as the image key (default: path, else row number)
+    top_k: int = 5  # how many labels and scores to keep per image
+    batch_size: int = 64  # images per model forward
+    preprocess_batch_size: int = 64  # images per preprocessing task batch
+    preprocess_cpus: float = 1.0  # CPUs each preprocessing task asks Ray for
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
+    min_actors: int = 1  # predictor actor pool lower bound
+    max_actors: int = 1  # predictor actor pool upper bound
+    gpus_per_actor: float = -1.0  # -1: 1 if the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0  # on CPU the actor runs torch with this many threads
+    embeddings: bool = False  # also keep the pooled embedding per image
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decompression-bomb limit (width*height)
+    wave_shards: int = 0  # commit every N shards (0: one commit for the whole run)
+    dt: str = ""  # date partition YYYY-MM-DD (default: today, UTC)
+    run_id: str = ""  # default: generated from time + random suffix
+    lease: bool = False  # hold OUTPUT/_lease/ while running so only one such job writes at a time (nightly: on)
+    lease_ttl_s: float = 900.0  # lease expiry in seconds; renewed by a heartbeat and before every commit
+    ray_address: str = ""  # default: RAY_ADDRESS or an in-process local Ray
+    num_cpus: int = 0  # local Ray only: CPUs to give it (0: all)
+    progress: bool = True  # show Ray Data progress bars
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # free-form tags stored in the manifest
+
+    def __post_init__(self) -> None:
+        _expect(isinstance(self.input, str), "input", "a string", self.input)
+        _expect(isinstance(self.output, str), "output", "a string", self.output)
+        _expect(bool(self.model), "model", "a checkpoint path, URL or builtin:digits", self.model)
+        _expect(self.input_format in INPUT_FORMATS, "input_format", f"one of {INPUT_FORMATS}", self.input_format)
+        _expect(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        for name in ("top_k", "batch_size", "preprocess_batch_size", "min_actors", "max_actors", "max_image_pixels"):
+            v = getattr(self, name)
+            _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an integer >= 1", v)
+        _expect(self.max_actors >= self.min_actors, "max_actors", f">= min_actors ({self.min_actors})", self.max_actors)
+        _expect(self.preprocess_cpus > 0, "preprocess_cpus", "> 0", self.preprocess_cpus)
+        _expect(self.cpus_per_actor > 0, "cpus_per_actor", "> 0", self.cpus_per_actor)
+        _expect(self.gpus_per_actor == -1 or self.gpus_per_actor >= 0, "gpus_per_actor", "-1 or >= 0",
+                self.gpus_per_actor)
+        _expect(isinstance(self.wave_shards, int) and self.wave_shards >= 0, "wave_shards", "an integer >= 0",
+                self.wave_shards)
+        _expect(isinstance(self.lease_ttl_s, (int, float)) and not isinstance(self.lease_ttl_s, bool)
+                and self.lease_ttl_s >= 1, "lease_ttl_s", "a number of seconds >= 1", self.lease_ttl_s)
+        _expect(isinstance(self.num_cpus, int) and self.num_cpus >= 0, "num_cpus", "an integer >= 0", self.num_cpus)
+        _expect(not self.dt or re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.dt) is not None, "dt", "YYYY-MM-DD", self.dt)
+        _expect(not self.run_id or re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", self.run_id) is not None, "run_id",
+                "letters, digits, '_', '.', '-' (at most 80)", self.run_id)
+        _expect(not self.model_name or re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", self.model_name) is not None,
+                "model_name", "letters, digits, '_', '.', '-'", self.model_name)
+
+    def require_io(self) -> JobConfig:
+        """Input and output are required to run (not to build a config piecewise)."""
+        _expect(bool(self.input), "input", "a shard URL, glob or prefix", self.input)
+        _expect(bool(self.output), "output", "a table root path or URL", self.output)
+        return self
+
+    def replace(self, **changes: Any) -> JobConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
+        """Build from a mapping (job file, JSON): unknown keys are errors; kebab-case keys accepted."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for raw_key, value in d.items():
+            key = raw_key.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"{raw_key}: expected one of {sorted(known)}, got an unknown key")
+            values[key] = _coerce(key, known[key].type, value)
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> JobConfig:
+        """Read a TOML, YAML or JSON job file; `overrides` (e.g. from CLI flags) win."""
+        data = read_job_file(path)
+        data.update({k.replace("-", "_"): v for k, v in overrides.items()})
+        return cls.from_dict(data)
+
+
+def read_job_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a TOML, YAML or JSON job file (optionally under a `[job]` table), keys in snake_case."""
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif p.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"job file: expected .toml, .yaml, .yml or .json, got {p.name!r}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file: expected a mapping of settings, got {type(data).__name__}")
+    data = data.get("job", data)  # allow a [job] table
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file: expected a mapping under [job], got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    """Job files are typed already; accept ints for floats and strings for bools from env-ish sources."""
+    t = str(type_name)
+    if t == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t == "bool" and isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if t == "int" and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    return value

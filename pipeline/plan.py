@@ -1,0 +1,236 @@
+"""Wires the stages into one Ray Data streaming plan, and commits its output. The only module that does.
+
+    list shards (driver)  -> pending = all shards - shards committed for this model digest
+    read shard (CPU task)   -> rows: image_id, source, key, bytes, shard_images, error (+1 marker row per shard)
+    preprocess (CPU task)   -> rows + tokens uint8 [N, P*P*3], width, height, status
+    classify (actor pool)   -> rows + label, score, top-k (tokens dropped)
+    LabelDatasink (writes)  -> staged Parquet files; then the driver commits a manifest per wave
+
+Each shard ends with one marker row that carries how many images the reader produced; the commit
+checks every shard's written rows against it, so a shard is committed whole or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import JobConfig
+from pipeline.lease import Lease
+from pipeline.model import describe_model
+from pipeline.predict import Predictor
+from pipeline.preprocess import preprocess_batch
+from pipeline.sink import LabelDatasink, commit, committed_shards
+from pipeline.sources import Shard, ShardError, iter_shard, list_shards, make_image_id
+
+log = logging.getLogger(__name__)
+
+LEASE_NAME = "nightly"  # OUTPUT/_lease/nightly/: shared by every leased job (nightly, run --lease)
+_READ_COLUMNS = ("image_id", "source", "key", "bytes", "shard_images", "error")
+# A worker that dies (OOM, segfault in a decoder) is retried a few times, then the job fails with
+# Ray's error instead of retrying forever. Distinct remote args also keep Ray from fusing the CPU
+# stages into the GPU actor: preprocessing must scale on its own CPUs.
+TASK_RETRIES = 3
+ACTOR_RESTARTS = -1  # the predictor holds no state a restart loses
+ACTOR_TASK_RETRIES = 4
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def _columns(rows: list[tuple]) -> dict[str, np.ndarray]:
+    cols = {name: np.empty(len(rows), dtype=object) for name in _READ_COLUMNS}
+    for i, row in enumerate(rows):
+        for name, value in zip(_READ_COLUMNS, row, strict=True):
+            cols[name][i] = value
+    cols["shard_images"] = cols["shard_images"].astype(np.int64)
+    return cols
+
+
+def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: str, rows_per_batch: int
+                ) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: shard descriptors -> batches of image rows, then one marker row per shard.
+
+    A shard that fails part way keeps the rows read so far; its marker carries the error, so the
+    images that were read are labelled and the manifest records the shard error.
+    """
+    for uri, fmt in zip(batch["uri"], batch["format"], strict=True):
+        shard = Shard(uri=str(uri), format=str(fmt), size=-1)
+        rows: list[tuple] = []
+        count, shard_error = 0, None
+        try:
+            for rec in iter_shard(shard, image_column=image_column, key_column=key_column):
+                rows.append((make_image_id(shard.uri, rec.key), shard.uri, rec.key, rec.data, -1, rec.error))
+                count += 1
+                if len(rows) >= rows_per_batch:
+                    yield _columns(rows)
+                    rows = []
+        except ShardError as e:
+            shard_error = f"shard_error: {e}"
+        except Exception as e:  # one bad shard never fails the job
+            shard_error = f"shard_error: {type(e).__name__}: {e}"
+        if shard_error:
+            log.warning("%s: %s (kept %d images read before it)", shard.uri, shard_error, count)
+        rows.append(("", shard.uri, "", b"", count, shard_error))
+        yield _columns(rows)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    model: str
+    model_digest: str
+    dt: str
+    shards_total: int
+    shards_skipped: int
+    manifests: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        keys = ("images", "ok", "error", "shards", "shard_errors")
+        return {k: sum(m["counts"].get(k, 0) for m in self.manifests) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.counts
+        return {
+            "run_id": self.run_id, "output": self.output, "model": self.model, "model_digest": self.model_digest,
+            "dt": self.dt, "shards_total": self.shards_total, "shards_skipped": self.shards_skipped,
+            "commits": [m["commit_id"] for m in self.manifests], **c, "seconds": round(self.seconds, 3),
+            "images_per_s": round(c["images"] / self.seconds, 2) if self.seconds else 0.0,
+            "shard_error_list": {u: s["error"] for m in self.manifests for u, s in m["shards"].items() if s["error"]},
+        }
+
+
+def resolve(cfg: JobConfig) -> tuple[JobConfig, Any]:
+    """Fill in run id, date and model name; returns the resolved config and the model's description."""
+    cfg.require_io()
+    info = describe_model(cfg.model)
+    return cfg.replace(
+        run_id=cfg.run_id or new_run_id(),
+        dt=cfg.dt or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        model_name=cfg.model_name or info.name,
+    ), info
+
+
+def plan_shards(cfg: JobConfig, model_digest: str) -> tuple[list[Shard], list[Shard]]:
+    """(all shards, pending shards): pending excludes shards a committed manifest covers for this digest."""
+    shards = list_shards(cfg.input, cfg.input_format)
+    done = committed_shards(cfg.output, model_digest)
+    return shards, [s for s in shards if s.uri not in done]
+
+
+def init_ray(cfg: JobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False}
+    if address is None and cfg.num_cpus:
+        kwargs["num_cpus"] = cfg.num_cpus
+    ray.init(address=address, **kwargs)
+
+
+def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_actor: float):
+    """The streaming plan for one wave of shards (not yet executed)."""
+    import ray
+
+    items = [{"uri": s.uri, "format": s.format} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(
+        read_shards, batch_size=1, batch_format="numpy", num_cpus=cfg.preprocess_cpus, max_retries=TASK_RETRIES,
+        fn_kwargs={"image_column": cfg.image_column, "key_column": cfg.key_column,
+                   "rows_per_batch": cfg.preprocess_batch_size},
+    )
+    ds = ds.map_batches(
+        preprocess_batch, batch_size=cfg.preprocess_batch_size, batch_format="numpy", num_cpus=cfg.preprocess_cpus,
+        max_retries=TASK_RETRIES,
+        fn_kwargs={"contract": contract, "max_pixels": cfg.max_image_pixels},
+    )
+    threads = max(1, int(cfg.cpus_per_actor))
+    ds = ds.map_batches(
+        Predictor, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+        num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
+        max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
+        fn_constructor_kwargs={"model": cfg.model, "top_k": cfg.top_k, "dtype": cfg.dtype,
+                               "embeddings": cfg.embeddings, "num_threads": threads, "batch_size": cfg.batch_size},
+    )
+    return ds
+
+
+def waves(shards: list[Shard], wave_shards: int) -> list[list[Shard]]:
+    if not shards:
+        return []
+    n = wave_shards or len(shards)
+    return [shards[i:i + n] for i in range(0, len(shards), n)]
+
+
+def run(cfg: JobConfig) -> RunSummary:
+    """Label every pending shard of `cfg.input` into `cfg.output`, committing wave by wave.
+
+    With `cfg.lease` (nightly), holds OUTPUT/_lease/nightly for the whole run: raises LeaseHeld if another
+    live job holds it, LeaseLost (before committing) if it expired and was taken over mid-run.
+    """
+    t0 = time.perf_counter()
+    cfg, info = resolve(cfg)
+    if not cfg.lease:
+        return _run_waves(cfg, info, t0, None)
+    # One leased writer per output: taken before listing pending shards, renewed before every commit.
+    with Lease.acquire(cfg.output, name=LEASE_NAME, run_id=cfg.run_id, ttl_s=cfg.lease_ttl_s) as lease:
+        return _run_waves(cfg, info, t0, lease)
+
+
+def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> RunSummary:
+    import ray
+    from ray.data import DataContext
+
+    shards, pending = plan_shards(cfg, info.digest)
+    summary = RunSummary(run_id=cfg.run_id, output=cfg.output, model=cfg.model_name, model_digest=info.digest,
+                         dt=cfg.dt, shards_total=len(shards), shards_skipped=len(shards) - len(pending))
+    log.info("run %s: %d shards, %d pending, model %s (%s)", cfg.run_id, len(shards), len(pending),
+             cfg.model_name, info.digest[:19])
+    if not pending:
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    init_ray(cfg)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    ctx.print_on_execution_start = cfg.progress
+    gpus = cfg.gpus_per_actor
+    if gpus < 0:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    all_waves = waves(pending, cfg.wave_shards)
+    for k, wave in enumerate(all_waves):
+        commit_id = cfg.run_id if len(all_waves) == 1 else f"{cfg.run_id}-w{k:04d}"
+        tw = time.perf_counter()
+        sink = LabelDatasink(output=cfg.output, run_id=cfg.run_id, staging_id=commit_id,
+                             model_digest=info.digest, embeddings=cfg.embeddings)
+        build_dataset(cfg, wave, info.contract, gpus).write_datasink(sink)
+        seconds = time.perf_counter() - tw
+        images = sum(r["rows"] for r in sink.results)
+        if lease is not None:
+            lease.renew()  # raises LeaseLost, committing nothing, if another writer took the output over
+        manifest = commit(
+            output=cfg.output, run_id=cfg.run_id, commit_id=commit_id, model_name=cfg.model_name,
+            model_digest=info.digest, dt=cfg.dt, results=sink.results, expected_shards=[s.uri for s in wave],
+            config=cfg.to_dict(), stats={"seconds": round(seconds, 3), "wave": k, "waves": len(all_waves),
+                                         "images_per_s": round(images / seconds, 2) if seconds else 0.0},
+        )
+        summary.manifests.append(manifest)
+        log.info("committed %s: %d shards, %d images in %.1fs", commit_id, len(wave),
+                 manifest["counts"]["images"], seconds)
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,615 @@
+"""Commit sink: write tasks stage Parquet files, the driver commits them with a manifest.
+
+Commit protocol (a Parquet file is part of the table only when a committed manifest names it):
+
+1. Each Ray write task calls `write_staging`: it drops the per-shard MARKER rows (shard_images >= 0),
+   streams the image rows into ONE file `OUTPUT/_staging/<staging_id>/<uuid4>.parquet` (staging_id: the
+   run_id by default; the plan uses one per commit wave) and returns a small JSON-able result: the file,
+   its rows, rows per source shard, and the markers it saw.
+2. `LabelDatasink` collects the results of the successful write tasks only (Ray hands
+   `on_write_complete` exactly those), so files written by failed or retried attempts are never named.
+3. `commit` (driver) checks every expected shard is fully covered (a marker seen, rows == images),
+   moves the staged files to `OUTPUT/model=<name>/dt=<dt>/part-<commit_id>-<n:05d>.parquet`, writes
+   `OUTPUT/_manifests/<commit_id>.json` LAST and exclusively, then deletes the staging folders of this
+   commit (the files of failed attempts included).
+   A crash before the manifest leaves only unnamed files; the readers in `pipeline.table` never see them.
+
+`_staging` and `_manifests` start with `_`, so pyarrow.dataset ignores them; DuckDB globs should name the
+partitions (`OUTPUT/model=*/dt=*/*.parquet`). `model` and `dt` live only in the path (hive style).
+Object-store credentials come from the environment (fsspec), never from arguments or manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = "_staging"
+MANIFEST_DIR = "_manifests"
+MANIFEST_VERSION = 1
+PARTITION_COLUMNS = ("model", "dt")
+MARKER_COLUMN = "shard_images"  # -1 on image rows; N >= 0 on the one marker row per shard
+ROW_GROUP_ROWS = 65_536  # flush a row group at this many buffered rows ...
+ROW_GROUP_BYTES = 64 << 20  # ... or this many buffered bytes, whichever comes first
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,120}")
+_DT_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+# Columns every batch reaching the sink must carry (besides the optional embedding and shard_images).
+_INPUT_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("image_id", pa.string()),
+    ("source", pa.string()),
+    ("key", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("label", pa.string()),
+    ("label_id", pa.int32()),
+    ("score", pa.float32()),  # null for error rows (NaN is turned into null: SQL aggregates skip nulls)
+    ("topk_labels", pa.list_(pa.string())),
+    ("topk_ids", pa.list_(pa.int32())),
+    ("topk_scores", pa.list_(pa.float32())),
+]
+_EMBEDDING_FIELD = ("embedding", pa.list_(pa.float32()))
+_RUN_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("model_digest", pa.string()),
+    ("run_id", pa.string()),
+    ("labelled_at", pa.timestamp("us", tz="UTC")),
+]
+
+
+class CommitError(RuntimeError):
+    """A commit was refused: incomplete shards, a missing staged file, or an existing manifest.
+
+    `shards` lists every shard URI at fault (the message names at most the first 20).
+    """
+
+    def __init__(self, message: str, shards: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.shards = list(shards or [])
+
+
+def output_schema(embeddings: bool) -> pa.Schema:
+    """Columns stored in each Parquet file. `model` and `dt` are NOT here: they are hive path partitions."""
+    fields = list(_INPUT_FIELDS) + ([_EMBEDDING_FIELD] if embeddings else []) + list(_RUN_FIELDS)
+    return pa.schema(fields)
+
+
+# ---------------------------------------------------------------------------------------------- filesystem
+
+
+def _fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec filesystem and root path (protocol stripped) for a local path or URL; creds from the env."""
+    fs, root = fsspec.core.url_to_fs(output)
+    return fs, root.rstrip("/")
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _check_name(what: str, value: str, pattern: re.Pattern[str] = _NAME_RE) -> None:
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        expected = "YYYY-MM-DD" if pattern is _DT_RE else "letters, digits, '_', '.', '-' (at most 120)"
+        raise ValueError(f"{what}: expected {expected}, got {value!r}")
+
+
+def staging_prefix(staging_id: str) -> str:
+    """Staging folder of a run (or of one wave of a run), relative to OUTPUT."""
+    return f"{STAGING_DIR}/{staging_id}"
+
+
+def partition_prefix(model_name: str, dt: str) -> str:
+    """Partition folder, relative to OUTPUT."""
+    return f"model={model_name}/dt={dt}"
+
+
+def manifest_path(commit_id: str) -> str:
+    """Manifest of a commit, relative to OUTPUT."""
+    return f"{MANIFEST_DIR}/{commit_id}.json"
+
+
+# -------------------------------------------------------------------------------------------- write tasks
+
+
+def _to_list_array(arr: pa.Array, value_type: pa.DataType) -> pa.Array:
+    """One chunk of a list-like column (list, large_list, fixed_size_list, Ray tensor extension) -> list<value_type>."""
+    target = pa.list_(value_type)
+    if isinstance(arr.type, pa.ExtensionType):
+        # Ray stores [B, k] numpy columns as tensor extension arrays; numpy unicode becomes fixed-size
+        # binary (UTF-32) in their storage, so go through numpy rather than casting the storage.
+        nd = arr.to_numpy(zero_copy_only=False)
+        return _numpy_to_list_array(nd, value_type)
+    return arr.cast(target)
+
+
+def _numpy_to_list_array(nd: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    target = pa.list_(value_type)
+    if nd.dtype != object and nd.ndim == 2:  # [B, k]
+        flat = pa.array(nd.reshape(-1)).cast(value_type)
+        return pa.FixedSizeListArray.from_arrays(flat, nd.shape[1]).cast(target)
+    return pa.array([None if x is None else list(x) for x in nd], type=target)
+
+
+def _as_table(batch: pa.Table | Mapping[str, Any]) -> pa.Table:
+    """A batch as an Arrow table: a pyarrow Table, a pandas DataFrame or a dict of numpy arrays / lists."""
+    if isinstance(batch, pa.Table):
+        return batch
+    if isinstance(batch, pa.RecordBatch):
+        return pa.Table.from_batches([batch])
+    if isinstance(batch, Mapping):
+        cols = {}
+        for name, value in batch.items():
+            if isinstance(value, np.ndarray) and value.ndim > 1:
+                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)), value.shape[1])
+            else:
+                cols[name] = value
+        return pa.table(cols)
+    return BlockAccessor.for_block(batch).to_arrow()  # pandas and other Ray block types
+
+
+def _column(table: pa.Table, name: str, dtype: pa.DataType) -> pa.ChunkedArray:
+    col = table.column(name)
+    if pa.types.is_list(dtype):
+        chunks = [_to_list_array(c, dtype.value_type) for c in col.chunks]
+        return pa.chunked_array(chunks, type=dtype)
+    if isinstance(col.type, pa.ExtensionType):
+        col = pa.chunked_array([c.storage for c in col.chunks], type=col.type.storage_type)
+    col = col.cast(dtype)
+    if name == "score":  # NaN -> null, so AVG/quantiles over scores are not poisoned by error rows
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, dtype), col)
+    return col
+
+
+def _split_markers(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """(image rows, marker rows) by the shard_images column; without it every row is an image row."""
+    if MARKER_COLUMN not in table.column_names:
+        return table, None
+    n = pc.fill_null(table.column(MARKER_COLUMN).cast(pa.int64()), -1)
+    is_marker = pc.greater_equal(n, 0)
+    return table.filter(pc.invert(is_marker)), table.filter(is_marker)
+
+
+def _image_table(table: pa.Table, schema: pa.Schema, run_cols: dict[str, pa.Array]) -> pa.Table:
+    names = [f.name for f in schema if f.name not in run_cols]
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"sink batch: expected columns {names}, got {table.column_names} (missing {missing})")
+    arrays = [_column(table, f.name, f.type) if f.name not in run_cols else None for f in schema]
+    n = table.num_rows
+    arrays = [a if a is not None else pa.repeat(run_cols[f.name], n) for a, f in zip(arrays, schema, strict=True)]
+    out = pa.Table.from_arrays(arrays, schema=schema)
+    bad = pc.invert(pc.is_in(out.column("status"), pa.array(["ok", "error"])))
+    if pc.any(bad).as_py():
+        got = pc.unique(out.column("status").filter(bad)).to_pylist()
+        raise ValueError(f"sink batch: expected status 'ok' or 'error', got {got}")
+    return out
+
+
+def write_staging(
+    tables: Iterable[pa.Table | Mapping[str, Any]],
+    *,
+    output: str,
+    run_id: str,
+    model_digest: str,
+    embeddings: bool,
+    staging_id: str | None = None,
+) -> dict[str, Any]:
+    """Stream the image rows of `tables` into one staged Parquet file; return what was written.
+
+    Returns {"file": "_staging/<staging_id>/<uuid>.parquet" (relative to OUTPUT) or None when there were no
+    image rows, "rows": n, "bytes": file size, "status_counts": {"ok": n, "error": n},
+    "shard_rows": {source: n}, "markers": {source: {"images": N, "error": e}}}.
+    """
+    _check_name("run_id", run_id)
+    staging_id = staging_id or run_id
+    _check_name("staging_id", staging_id)
+    schema = output_schema(embeddings)
+    now = datetime.now(timezone.utc)
+    run_cols = {
+        "model_digest": pa.scalar(model_digest, pa.string()),
+        "run_id": pa.scalar(run_id, pa.string()),
+        "labelled_at": pa.scalar(now, pa.timestamp("us", tz="UTC")),
+    }
+    fs, root = _fs(output)
+    rel = f"{staging_prefix(staging_id)}/{uuid.uuid4().hex}.parquet"
+    path = f"{root}/{rel}"
+
+    shard_rows: dict[str, int] = {}
+    markers: dict[str, dict[str, Any]] = {}
+    status_counts = {"ok": 0, "error": 0}
+    rows = 0
+    nbytes = 0
+    buffered: list[pa.Table] = []
+    buffered_rows = buffered_bytes = 0
+    f = writer = None
+
+    def flush() -> None:
+        nonlocal buffered, buffered_rows, buffered_bytes
+        if buffered:
+            writer.write_table(pa.concat_tables(buffered), row_group_size=max(buffered_rows, 1))
+        buffered, buffered_rows, buffered_bytes = [], 0, 0
+
+    try:
+        for batch in tables:
+            images, marks = _split_markers(_as_table(batch))
+            if marks is not None and marks.num_rows:
+                srcs, counts = marks.column("source").to_pylist(), marks.column(MARKER_COLUMN).to_pylist()
+                errs = marks.column("error").to_pylist() if "error" in marks.column_names else [None] * len(srcs)
+                for src, n, e in zip(srcs, counts, errs, strict=True):
+                    markers[src] = {"images": int(n), "error": e}
+            if images.num_rows == 0:
+                continue
+            out = _image_table(images, schema, run_cols)
+            for row in pc.value_counts(out.column("source")).to_pylist():
+                shard_rows[row["values"]] = shard_rows.get(row["values"], 0) + row["counts"]
+            for row in pc.value_counts(out.column("status")).to_pylist():
+                status_counts[row["values"]] += row["counts"]
+            rows += out.num_rows
+            if writer is None:
+                fs.makedirs(f"{root}/{staging_prefix(staging_id)}", exist_ok=True)
+                f = fs.open(path, "wb")
+                writer = pq.ParquetWriter(f, schema, compression="zstd")
+            buffered.append(out)
+            buffered_rows += out.num_rows
+            buffered_bytes += out.nbytes
+            if buffered_rows >= ROW_GROUP_ROWS or buffered_bytes >= ROW_GROUP_BYTES:
+                flush()
+        if writer is not None:
+            flush()
+            writer.close()
+            nbytes = f.tell()
+            f.close()  # on S3 the object appears only now, complete
+            writer = f = None
+    finally:
+        if f is not None:  # failed mid-way: abandon the partial file (the next attempt writes a new uuid)
+            try:
+                if hasattr(f, "discard"):
+                    f.discard()  # s3fs: abort the multipart upload
+                else:
+                    f.close()
+            except Exception:  # noqa: BLE001 - best effort, the original error is what matters
+                logger.warning("could not discard partial staging file %s", rel, exc_info=True)
+
+    return {
+        "file": rel if rows else None,
+        "rows": rows,
+        "bytes": nbytes,
+        "status_counts": status_counts,
+        "shard_rows": shard_rows,
+        "markers": markers,
+    }
+
+
+class LabelDatasink(Datasink[dict]):
+    """Ray Data sink: each write task stages one Parquet file; `results` holds the successful tasks' results.
+
+    After `ds.write_datasink(sink)` the driver calls `commit(..., results=sink.results, ...)`.
+    """
+
+    def __init__(
+        self,
+        output: str,
+        *,
+        run_id: str,
+        model_digest: str,
+        embeddings: bool = False,
+        min_rows_per_write: int | None = 10_000,
+        staging_id: str | None = None,
+    ) -> None:
+        _check_name("run_id", run_id)
+        _check_name("staging_id", staging_id or run_id)
+        if min_rows_per_write is not None and min_rows_per_write < 1:
+            raise ValueError(f"min_rows_per_write: expected None or >= 1, got {min_rows_per_write!r}")
+        self.output = output
+        self.run_id = run_id
+        self.model_digest = model_digest
+        self.embeddings = embeddings
+        self.staging_id = staging_id or run_id
+        self._min_rows_per_write = min_rows_per_write
+        self.results: list[dict[str, Any]] = []
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self._min_rows_per_write
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
+        return write_staging(
+            (BlockAccessor.for_block(b).to_arrow() for b in blocks),
+            output=self.output,
+            run_id=self.run_id,
+            model_digest=self.model_digest,
+            embeddings=self.embeddings,
+            staging_id=self.staging_id,
+        )
+
+    def on_write_complete(self, write_result: Any) -> None:
+        self.results = [r for r in write_result.write_returns if r is not None]
+
+    def on_write_failed(self, error: Exception) -> None:
+        logger.warning("write of run %s failed; staged files stay uncommitted: %s", self.run_id, error)
+
+
+# ------------------------------------------------------------------------------------------------- commit
+
+
+_STAGED_RE = re.compile(rf"{STAGING_DIR}/({_NAME_RE.pattern})/[A-Za-z0-9_.-]+\.parquet")
+
+
+def _merge_results(results: list[dict[str, Any]], staging_id: str | None):
+    files: dict[str, dict[str, Any]] = {}
+    shard_rows: dict[str, int] = {}
+    markers: dict[str, dict[str, Any]] = {}
+    status = {"ok": 0, "error": 0}
+    conflicts: list[str] = []
+    for r in results:
+        rel = r.get("file")
+        if rel is not None:
+            match = _STAGED_RE.fullmatch(rel) if isinstance(rel, str) else None
+            if match is None or ".." in rel or (staging_id and match.group(1) != staging_id):
+                where = staging_prefix(staging_id or "<staging_id>")
+                raise CommitError(f"result file: expected a file {where}/<name>.parquet, got {rel!r}")
+            if rel in files:
+                raise CommitError(f"result file {rel!r} appears twice in results")
+            files[rel] = {"rows": int(r["rows"]), "bytes": int(r.get("bytes") or 0)}
+        for src, n in r.get("shard_rows", {}).items():
+            shard_rows[src] = shard_rows.get(src, 0) + int(n)
+        for src, m in r.get("markers", {}).items():
+            m = {"images": int(m["images"]), "error": m.get("error")}
+            if src in markers and markers[src] != m:
+                conflicts.append(src)
+            markers[src] = m
+        for k, v in r.get("status_counts", {}).items():
+            status[k] = status.get(k, 0) + int(v)
+    return files, shard_rows, markers, status, conflicts
+
+
+def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    try:
+        return fs.exists(path)
+    except FileNotFoundError:
+        return False
+
+
+def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, int]:
+    """{path: size} of the files matching a glob; {} when the folder does not exist."""
+    try:
+        found = fs.glob(pattern, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {p.rstrip("/"): int(info.get("size") or 0) for p, info in found.items() if info.get("type") != "directory"}
+
+
+def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Publish the manifest exclusively: never overwrite an existing commit."""
+    if _exists(fs, path):
+        raise CommitError(f"manifest {path.rsplit('/', 1)[-1]} already exists: commit already done")
+    parent = path.rsplit("/", 1)[0]
+    if _is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic and exclusive: fails if another commit got there first
+        except FileExistsError as e:
+            raise CommitError(f"manifest {os.path.basename(path)} already exists: commit already done") from e
+        except OSError:  # filesystems without hard links: atomic rename after the check above
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    try:
+        fs.pipe_file(path, data, mode="create")  # s3fs: a single PUT with If-None-Match: *
+    except FileExistsError as e:
+        raise CommitError(f"manifest {path.rsplit('/', 1)[-1]} already exists: commit already done") from e
+    except (TypeError, NotImplementedError, OSError):
+        # stores or fsspec backends without conditional writes: a plain single PUT after the check above
+        if _exists(fs, path):
+            raise CommitError(f"manifest {path.rsplit('/', 1)[-1]} already exists: commit already done") from None
+        logger.info("conditional write not supported for %s; using a plain put", type(fs).__name__)
+        fs.pipe_file(path, data)
+
+
+def commit(
+    *,
+    output: str,
+    run_id: str,
+    commit_id: str,
+    model_name: str,
+    model_digest: str,
+    dt: str,
+    results: list[dict[str, Any]],
+    expected_shards: list[str],
+    config: dict[str, Any],
+    stats: dict[str, Any],
+    staging_id: str | None = None,
+    cleanup: bool = True,
+) -> dict[str, Any]:
+    """Publish the staged files named in `results` as one commit; return the manifest.
+
+    Raises CommitError, publishing nothing, when an expected shard is not fully covered (no marker, or
+    rows != marker images), when results name shards outside `expected_shards`, or when the manifest
+    of `commit_id` already exists. Resumable: if a previous attempt crashed after moving some files but
+    before the manifest, calling again with the same arguments finishes the job.
+
+    Staged files may live in any `_staging/<id>/` folder (the sink's staging_id); pass `staging_id` to
+    accept only that folder. `cleanup=True` then removes, best effort, every staging folder this commit's
+    files came from, plus `_staging/<staging_id>/` (failed-attempt leftovers included). With one staging
+    folder per wave (LabelDatasink(staging_id=commit_id)) that never touches another wave's files; with
+    one folder per run and waves staged concurrently, pass `cleanup=False` and call `cleanup_staging`
+    at the end of the run.
+    """
+    for what, value in (("run_id", run_id), ("commit_id", commit_id), ("model_name", model_name)):
+        _check_name(what, value)
+    if staging_id is not None:
+        _check_name("staging_id", staging_id)
+    _check_name("dt", dt, _DT_RE)
+    fs, root = _fs(output)
+    fs.invalidate_cache()  # write tasks ran in other processes: never trust cached listings
+    mpath = f"{root}/{manifest_path(commit_id)}"
+    if _exists(fs, mpath):
+        raise CommitError(f"commit {commit_id!r}: manifest already exists in {MANIFEST_DIR}/, refusing to re-commit")
+
+    files, shard_rows, markers, status, conflicts = _merge_results(results, staging_id)
+    staging_dirs = {rel.rsplit("/", 1)[0] for rel in files}  # "_staging/<id>"
+    if staging_id:
+        staging_dirs.add(staging_prefix(staging_id))
+    expected = list(dict.fromkeys(expected_shards))
+    problems: dict[str, str] = {}
+    for src in expected:
+        m = markers.get(src)
+        if m is None:
+            problems[src] = f"{src} (no shard marker, {shard_rows.get(src, 0)} rows)"
+        elif shard_rows.get(src, 0) != m["images"]:
+            problems[src] = f"{src} ({shard_rows.get(src, 0)} rows, expected {m['images']} images)"
+    for src in sorted(set(conflicts)):
+        problems[src] = f"{src} (conflicting shard markers)"
+    for src in sorted((set(shard_rows) | set(markers)) - set(expected)):
+        problems[src] = f"{src} (rows for a shard not in expected_shards)"
+    if problems:
+        shown = list(problems.values())[:20]
+        more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise CommitError(f"commit {commit_id!r} refused, {len(problems)} shard(s) not exactly covered: "
+                          + "; ".join(shown) + more, shards=list(problems))
+
+    # Move staged files into the partition. Sorted so a resumed commit maps each file to the same name.
+    # Two listings instead of a HEAD per file; a file already at its destination was moved by an
+    # earlier attempt of this same commit (crash before the manifest).
+    part_dir = partition_prefix(model_name, dt)
+    staged: dict[str, int] = {}
+    for d in staging_dirs:
+        staged.update(_listing(fs, f"{root}/{d}/*.parquet"))
+    placed = _listing(fs, f"{root}/{part_dir}/part-{commit_id}-*.parquet")
+    plan = []
+    for n, rel in enumerate(sorted(files)):
+        dest_rel = f"{part_dir}/part-{commit_id}-{n:05d}.parquet"
+        src, dest = f"{root}/{rel}", f"{root}/{dest_rel}"
+        size = staged.get(src, placed.get(dest))
+        if size is None:
+            raise CommitError(f"commit {commit_id!r}: staged file {rel} is missing")
+        want = files[rel]["bytes"]
+        if want and size != want:
+            raise CommitError(f"commit {commit_id!r}: {rel} has {size} bytes, the write task wrote {want}")
+        plan.append((rel, src, dest, dest_rel, src in staged, size))
+    if plan:
+        fs.makedirs(f"{root}/{part_dir}", exist_ok=True)
+    manifest_files = []
+    for rel, src, dest, dest_rel, is_staged, size in plan:
+        if is_staged:
+            fs.mv(src, dest)
+        manifest_files.append({"path": dest_rel, "rows": files[rel]["rows"], "bytes": int(size)})
+
+    shards = {
+        src: {"images": markers[src]["images"], "rows": shard_rows.get(src, 0), "error": markers[src]["error"]}
+        for src in expected
+    }
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "run_id": run_id,
+        "commit_id": commit_id,
+        "model": model_name,
+        "model_digest": model_digest,
+        "dt": dt,
+        "committed_at": datetime.now(timezone.utc).isoformat(),
+        "files": manifest_files,
+        "shards": shards,
+        "counts": {
+            "images": sum(s["images"] for s in shards.values()),
+            "ok": status.get("ok", 0),
+            "error": status.get("error", 0),
+            "shards": len(shards),
+            "shard_errors": sum(1 for s in shards.values() if s["error"]),
+        },
+        "config": config,
+        "stats": stats,
+    }
+    data = json.dumps(manifest, indent=1, sort_keys=False, default=_json_default).encode()
+    _write_manifest(fs, mpath, data)  # the commit point
+    logger.info("committed %s: %d files, %d rows, %d shards", commit_id, len(manifest_files),
+                sum(f["rows"] for f in manifest_files), len(shards))
+
+    for rel in files:  # best effort: anything of this commit still in staging (e.g. mv copied, delete failed)
+        _remove_quietly(fs, f"{root}/{rel}")
+    if cleanup:
+        for d in staging_dirs:
+            _remove_quietly(fs, f"{root}/{d}", recursive=True)
+    return manifest
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, datetime):
+        return o.isoformat()
+    return str(o)
+
+
+def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    try:
+        if _exists(fs, path):
+            fs.rm(path, recursive=recursive)
+    except Exception:  # noqa: BLE001 - leftovers are harmless: no manifest names them
+        logger.warning("could not remove staging leftover %s", path, exc_info=True)
+
+
+def cleanup_staging(output: str, staging_id: str) -> None:
+    """Best-effort removal of `OUTPUT/_staging/<staging_id>/` (the run_id, or the sink's staging_id).
+
+    Only for folders whose commits are done or abandoned: their files are ones no manifest will ever name.
+    """
+    _check_name("staging_id", staging_id)
+    fs, root = _fs(output)
+    fs.invalidate_cache()
+    _remove_quietly(fs, f"{root}/{staging_prefix(staging_id)}", recursive=True)
+
+
+# -------------------------------------------------------------------------------------------- incremental
+
+
+def _manifests(output: str) -> list[dict[str, Any]]:
+    fs, root = _fs(output)
+    fs.invalidate_cache()
+    try:
+        names = fs.glob(f"{root}/{MANIFEST_DIR}/*.json")
+    except FileNotFoundError:
+        return []
+    out = []
+    for p in names:
+        if p.rsplit("/", 1)[-1].startswith("."):
+            continue
+        with fs.open(p, "rb") as f:
+            out.append(json.loads(f.read()))
+    return out
+
+
+def committed_shards(output: str, model_digest: str) -> set[str]:
+    """Shard URIs named by committed manifests for `model_digest` (done shards, shard errors included)."""
+    done: set[str] = set()
+    for m in _manifests(output):
+        if m.get("model_digest") == model_digest:
+            done.update(m.get("shards", {}))
+    return done

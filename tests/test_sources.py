@@ -1,0 +1,425 @@
+"""Shard formats over local disk and a real (moto) S3 server: listing, records, broken shards, streaming."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import pickle
+import tarfile
+from functools import cache
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+
+from pipeline import sources
+from pipeline.sources import (
+    Record,
+    Shard,
+    ShardError,
+    SourceError,
+    _redact,
+    iter_shard,
+    list_shards,
+    make_image_id,
+    write_image_parquet,
+    write_webdataset,
+)
+
+BUCKET = "test-bucket"
+
+
+@cache
+def image_bytes(i: int, fmt: str = "PNG") -> bytes:
+    img = Image.new("RGB", (8, 6), ((40 * i) % 256, (90 * i) % 256, (10 + 7 * i) % 256))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def wds_samples(n: int = 4) -> list[tuple[str, dict[str, bytes]]]:
+    """Alternating PNG / JPEG samples with a label member, keys with a directory part."""
+    out = []
+    for i in range(n):
+        ext, fmt = ("png", "PNG") if i % 2 == 0 else ("jpg", "JPEG")
+        out.append((f"part/{i:04d}", {ext: image_bytes(i, fmt), "cls": str(i).encode()}))
+    return out
+
+
+def expected(samples: list[tuple[str, dict[str, bytes]]]) -> list[Record]:
+    return [Record(k, next(v for e, v in m.items() if e in ("png", "jpg"))) for k, m in samples]
+
+
+def parquet_rows(n: int = 5) -> list[tuple[str, bytes]]:
+    return [(f"img-{i:03d}.png", image_bytes(i)) for i in range(n)]
+
+
+def read_all(shard: Shard, **kw) -> list[Record]:
+    return list(iter_shard(shard, **kw))
+
+
+def read_until_error(shard: Shard) -> tuple[list[Record], ShardError | None]:
+    got: list[Record] = []
+    try:
+        for r in iter_shard(shard):
+            got.append(r)
+    except ShardError as e:
+        return got, e
+    return got, None
+
+
+def raw_tar(path: Path, members: list[tuple[str, bytes | None, bytes]]) -> None:
+    """Members (name, data, tar type) written by hand, for links and directories."""
+    with tarfile.open(path, "w") as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = "elsewhere.png"
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# ids and records
+
+
+def test_make_image_id_is_stable_and_short():
+    a = make_image_id("s3://b/x.tar", "part/0001")
+    assert a == make_image_id("s3://b/x.tar", "part/0001")
+    assert len(a) == 32 and int(a, 16) >= 0
+    assert a != make_image_id("s3://b/x.tar", "part/0002")
+    assert a != make_image_id("s3://b/y.tar", "part/0001")
+
+
+def test_errors_pickle_and_redact():
+    e = pickle.loads(pickle.dumps(ShardError("s3://b/x.tar", "read_error: boom")))
+    assert isinstance(e, ShardError) and e.uri == "s3://b/x.tar" and str(e) == "s3://b/x.tar: read_error: boom"
+    assert _redact("s3://AKIA:secret@bucket/key") == "s3://bucket/key"
+    assert "secret" not in str(ShardError("s3://AKIA:secret@bucket/key", "x"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# each format, local and S3, gives the same records
+
+
+@pytest.mark.parametrize("name", ["shard.tar", "shard.tar.gz", "shard.tgz"])
+def test_webdataset_local_and_s3_same_records(tmp_path, s3, name):
+    samples = wds_samples(5)
+    assert write_webdataset(str(tmp_path / name), samples) == 5
+    assert write_webdataset(f"s3://{BUCKET}/wds/{name}", samples) == 5
+
+    [local] = list_shards(str(tmp_path))
+    [remote] = list_shards(f"s3://{BUCKET}/wds/")
+    assert local == Shard(f"file://{tmp_path}/{name}", "webdataset", (tmp_path / name).stat().st_size)
+    assert remote.uri == f"s3://{BUCKET}/wds/{name}" and remote.format == "webdataset" and remote.size == local.size
+    assert read_all(local) == read_all(remote) == expected(samples)
+
+
+@pytest.mark.parametrize("hf_layout", [False, True])
+def test_parquet_local_and_s3_same_records(tmp_path, s3, hf_layout):
+    rows = parquet_rows(5)
+    write_image_parquet(str(tmp_path / "p.parquet"), rows, hf_layout, row_group_size=2)  # 3 row groups
+    s3.upload_file(str(tmp_path / "p.parquet"), BUCKET, "pq/p.parquet")  # uploaded with boto3 this time
+
+    [local] = list_shards(str(tmp_path / "*.parquet"))
+    [remote] = list_shards(f"s3://{BUCKET}/pq")
+    assert pq.ParquetFile(tmp_path / "p.parquet").metadata.num_row_groups == 3
+    assert local.format == remote.format == "parquet" and remote.uri == f"s3://{BUCKET}/pq/p.parquet"
+    assert read_all(local) == read_all(remote) == [Record(k, b) for k, b in rows]
+
+
+def test_folder_local_and_s3_same_records(tmp_path, s3):
+    files = {"b.png": image_bytes(1), "a.jpg": image_bytes(2, "JPEG"), "c.PNG": image_bytes(3)}
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+        s3.put_object(Bucket=BUCKET, Key=f"imgs/{name}", Body=data)
+    for extra, data in {"notes.txt": b"hi", "_skip.png": b"x", ".hidden.png": b"x"}.items():
+        (d / extra).write_bytes(data)
+        s3.put_object(Bucket=BUCKET, Key=f"imgs/{extra}", Body=data)
+
+    [local] = list_shards(str(d))
+    [remote] = list_shards(f"s3://{BUCKET}/imgs", "folder")
+    assert local == Shard(f"file://{d}", "folder", sum(len(v) for v in files.values()))
+    assert remote == Shard(f"s3://{BUCKET}/imgs", "folder", local.size)
+    want = [Record(k, files[k]) for k in sorted(files)]
+    assert read_all(local) == read_all(remote) == want
+
+
+# --------------------------------------------------------------------------------------------------------
+# listing
+
+
+@pytest.fixture()
+def tree(tmp_path) -> Path:
+    """root/{a/0.tar, a/1.tar.gz, b/2.tgz, c.parquet, imgs/x.png, imgs/sub/y.jpg} plus things to ignore."""
+    root = tmp_path / "root"
+    one = [("k", {"png": image_bytes(0)})]
+    for rel in ["a/0.tar", "a/1.tar.gz", "b/2.tgz", "_staging/s.tar", ".cache/h.tar", "a/.partial.tar"]:
+        write_webdataset(str(root / rel), one)
+    write_image_parquet(str(root / "c.parquet"), parquet_rows(2), False)
+    write_image_parquet(str(root / "_manifests/m.parquet"), parquet_rows(2), False)
+    (root / "imgs/sub").mkdir(parents=True)
+    (root / "imgs/x.png").write_bytes(image_bytes(1))
+    (root / "imgs/sub/y.jpg").write_bytes(image_bytes(2, "JPEG"))
+    (root / "notes.txt").write_text("not a shard")
+    return root
+
+
+def names(shards: list[Shard], root: Path) -> list[tuple[str, str]]:
+    return [(s.uri.removeprefix(f"file://{root}/"), s.format) for s in shards]
+
+
+def test_prefix_lists_every_kind_sorted_and_skips_underscore_and_dot(tree):
+    assert names(list_shards(str(tree)), tree) == [
+        ("a/0.tar", "webdataset"), ("a/1.tar.gz", "webdataset"), ("b/2.tgz", "webdataset"),
+        ("c.parquet", "parquet"), ("imgs", "folder"), ("imgs/sub", "folder"),
+    ]
+    assert names(list_shards(str(tree), "webdataset"), tree) == [
+        ("a/0.tar", "webdataset"), ("a/1.tar.gz", "webdataset"), ("b/2.tgz", "webdataset")]
+    assert names(list_shards(str(tree), "parquet"), tree) == [("c.parquet", "parquet")]
+    assert names(list_shards(str(tree), "folder"), tree) == [("imgs", "folder"), ("imgs/sub", "folder")]
+    assert list_shards(str(tree)) == list_shards(f"file://{tree}/")  # deterministic, URL or path
+
+
+def test_globs_select_matching_shards(tree):
+    assert names(list_shards(f"{tree}/a/*.tar"), tree) == [("a/0.tar", "webdataset")]
+    assert names(list_shards(f"{tree}/**/*.tar"), tree) == [("a/0.tar", "webdataset")]  # not _staging, .cache
+    assert names(list_shards(f"{tree}/*/*.t*"), tree) == [
+        ("a/0.tar", "webdataset"), ("a/1.tar.gz", "webdataset"), ("b/2.tgz", "webdataset")]
+    assert names(list_shards(f"{tree}/**/*.parquet"), tree) == [("c.parquet", "parquet")]
+    assert names(list_shards(f"{tree}/[ab]"), tree) == [  # a matched directory stands for its files
+        ("a/0.tar", "webdataset"), ("a/1.tar.gz", "webdataset"), ("b/2.tgz", "webdataset")]
+    assert names(list_shards(f"{tree}/_staging/*.tar"), tree) == [("_staging/s.tar", "webdataset")]  # named
+
+
+def test_single_file_and_relative_paths(tree, monkeypatch):
+    monkeypatch.chdir(tree.parent)
+    [s] = list_shards("root/a/0.tar")
+    assert s.uri == f"file://{tree}/a/0.tar" and s.format == "webdataset" and s.size > 0
+    assert names(list_shards("root/b"), tree) == [("b/2.tgz", "webdataset")]
+    assert names(list_shards("root/*.parquet"), tree) == [("c.parquet", "parquet")]
+    (tree / "shard.bin").write_bytes((tree / "a/0.tar").read_bytes())
+    [s] = list_shards("root/shard.bin", "webdataset")  # a named file with an explicit format is trusted
+    assert read_all(s) == [Record("k", image_bytes(0))]
+
+
+def test_s3_globs_and_prefixes(s3):
+    one = [("k", {"jpg": image_bytes(0, "JPEG")})]
+    for key in ["d/2024/a.tar", "d/2024/b.tar", "d/2025/c.tar", "d/_staging/x.tar", "d/2025/.tmp.tar"]:
+        write_webdataset(f"s3://{BUCKET}/{key}", one)
+    s3.put_object(Bucket=BUCKET, Key="d/readme.md", Body=b"x")
+    uris = lambda shards: [s.uri.removeprefix(f"s3://{BUCKET}/") for s in shards]
+    assert uris(list_shards(f"s3://{BUCKET}/d")) == ["d/2024/a.tar", "d/2024/b.tar", "d/2025/c.tar"]
+    assert uris(list_shards(f"s3://{BUCKET}/d/2024/*.tar")) == ["d/2024/a.tar", "d/2024/b.tar"]
+    assert uris(list_shards(f"s3://{BUCKET}/d/**/c.tar")) == ["d/2025/c.tar"]
+    assert uris(list_shards(f"s3://{BUCKET}/d/2025/c.tar")) == ["d/2025/c.tar"]
+
+
+def test_nothing_matches_is_a_clear_source_error(tmp_path, s3):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "only.txt").write_text("x")
+    for url in [str(tmp_path / "empty"), str(tmp_path / "missing"), f"{tmp_path}/*.tar", str(tmp_path),
+                f"s3://{BUCKET}/nothing/", f"s3://{BUCKET}/nothing/*.tar"]:
+        with pytest.raises(SourceError, match=r"^input: expected shards matching .*, got none at ") as err:
+            list_shards(url)
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(err.value)
+    with pytest.raises(SourceError, match="expected a .tar"):
+        list_shards(str(tmp_path / "only.txt"))
+    with pytest.raises(SourceError, match="input_format: expected one of"):
+        list_shards(str(tmp_path), "zip")
+
+
+# --------------------------------------------------------------------------------------------------------
+# webdataset details and broken shards
+
+
+def test_webdataset_sample_rules(tmp_path):
+    png, jpg = image_bytes(1), image_bytes(2, "JPEG")
+    raw_tar(tmp_path / "s.tar", [
+        ("./dir/", None, tarfile.DIRTYPE),  # skipped
+        ("./dir/a.seg.png", png, tarfile.REGTYPE),  # "./" stripped; image by last extension
+        ("./dir/a.JPG", jpg, tarfile.REGTYPE),  # a whole-extension image wins over seg.png
+        ("b.json", b"{}", tarfile.REGTYPE),  # no image member
+        ("b.cls", b"1", tarfile.REGTYPE),
+        ("c.png", None, tarfile.SYMTYPE),  # link as image: error, never followed
+        ("d.txt", b"x", tarfile.REGTYPE),
+        ("d.png", None, tarfile.LNKTYPE),
+        ("e.png", png, tarfile.REGTYPE),
+        ("noext", b"x", tarfile.REGTYPE),
+        ("e.png", jpg, tarfile.REGTYPE),  # key e again after another key: second sample, same key
+    ])
+    [shard] = list_shards(str(tmp_path))
+    got = read_all(shard)
+    assert [r.key for r in got] == ["dir/a", "b", "c", "d", "e", "noext", "e"]
+    assert got[0] == Record("dir/a", jpg)
+    assert got[1].data is None and got[1].error.startswith("no_image: ") and "json, cls" in got[1].error
+    assert got[2].data is None and got[2].error.startswith("bad_member: ")
+    assert got[3].data is None and got[3].error.startswith("bad_member: ")
+    assert got[4] == Record("e", png)
+    assert got[5].error.startswith("no_image: ")
+    assert got[6].data is None and got[6].error.startswith("duplicate_key: ")
+    assert all(r.error is None or r.error.split(": ", 1)[0].isidentifier() for r in got)
+
+
+def test_truncated_tar_yields_leading_samples_then_raises(tmp_path):
+    samples = [(f"{i:03d}", {"png": os.urandom(3000), "cls": b"1"}) for i in range(6)]
+    write_webdataset(str(tmp_path / "full.tar"), samples)
+    data = (tmp_path / "full.tar").read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        offsets = {m.name: (m.offset, m.offset_data) for m in tar.getmembers()}
+
+    cuts = {
+        "mid_data": offsets["003.png"][1] + 1000,  # inside sample 3's image
+        "at_header": offsets["004.png"][0],  # exactly between members: tarfile alone would call this the end
+        "mid_header": offsets["004.png"][0] + 100,
+    }
+    for name, cut in cuts.items():
+        (tmp_path / f"{name}.tar").write_bytes(data[:cut])
+        got, err = read_until_error(Shard(f"file://{tmp_path}/{name}.tar", "webdataset"))
+        assert isinstance(err, ShardError) and err.message.startswith("truncated: "), (name, err)
+        assert [r.key for r in got] == ["000", "001", "002"], name
+        assert all(r.error is None for r in got)
+
+    at = offsets["004.png"][0]  # a garbled header mid-archive is corruption, not a quiet end of archive
+    (tmp_path / "garbled.tar").write_bytes(data[:at] + b"\xff" * 512 + data[at + 512:])
+    got, err = read_until_error(Shard(f"file://{tmp_path}/garbled.tar", "webdataset"))
+    assert isinstance(err, ShardError) and err.message.startswith("corrupt: ") and len(got) == 3
+
+    write_webdataset(str(tmp_path / "full.tar.gz"), samples)
+    gz = (tmp_path / "full.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(gz[: len(gz) * 2 // 3])
+    got, err = read_until_error(Shard(f"file://{tmp_path}/cut.tar.gz", "webdataset"))
+    assert isinstance(err, ShardError) and err.message.startswith("truncated: ") and 0 < len(got) < 6
+    assert [r.key for r in got] == [k for k, _ in samples[: len(got)]]
+
+
+def test_unreadable_shards_raise_shard_error(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 nope")
+    for shard in [Shard(f"file://{tmp_path}/junk.tar", "webdataset"),
+                  Shard(f"file://{tmp_path}/junk.parquet", "parquet"),
+                  Shard(f"file://{tmp_path}/gone.tar", "webdataset"),
+                  Shard(f"file://{tmp_path}/gone.parquet", "parquet"),
+                  Shard(f"file://{tmp_path}/gone", "folder")]:
+        got, err = read_until_error(shard)
+        assert got == [] and isinstance(err, ShardError) and err.uri == shard.uri
+
+
+def test_tar_is_streamed_not_buffered(tmp_path):
+    """The first record arrives after reading a small part of a large tar, through one streaming file object."""
+    samples = [(f"{i:04d}", {"png": os.urandom(64 * 1024), "txt": b"t"}) for i in range(128)]  # ~8 MiB
+    path = tmp_path / "big.tar"
+    write_webdataset(str(path), samples)
+    size = path.stat().st_size
+    assert size > 4 * sources.TAR_BUFSIZE
+    CountingFS.bytes_read = CountingFS.opens = 0
+
+    records = iter_shard(Shard(f"counting://{path}", "webdataset"))
+    assert inspect.isgenerator(records) and CountingFS.opens == 0  # nothing read before iteration
+    first = next(records)
+    assert first == Record("0000", samples[0][1]["png"])
+    assert CountingFS.bytes_read <= 2 * sources.TAR_BUFSIZE, (CountingFS.bytes_read, size)
+    rest = list(records)
+    assert len(rest) == 127 and CountingFS.opens == 1
+    assert size - 32 * 1024 <= CountingFS.bytes_read <= size + 64 * 1024
+
+
+def test_failed_local_write_leaves_nothing_listable(tmp_path):
+    def broken():
+        yield "a", {"png": image_bytes(0)}
+        raise RuntimeError("producer died")
+
+    with pytest.raises(RuntimeError):
+        write_webdataset(str(tmp_path / "out/a.tar"), broken())
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# parquet details
+
+
+def test_parquet_hf_layout_keys_and_null_bytes(tmp_path):
+    rows = [("a.png", image_bytes(1)), ("b.png", None), ("c.png", image_bytes(3))]
+    write_image_parquet(str(tmp_path / "hf.parquet"), rows, hf_layout=True)
+    schema = pq.read_schema(tmp_path / "hf.parquet")
+    assert schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    got = read_all(Shard(f"file://{tmp_path}/hf.parquet", "parquet"))
+    assert got == [Record("a.png", image_bytes(1)), Record("b.png", None, "no_image: null bytes"),
+                   Record("c.png", image_bytes(3))]
+
+
+def test_parquet_key_fallbacks(tmp_path):
+    img = [image_bytes(i) for i in range(3)]
+    # HF struct whose paths repeat: not a key; an `id` column is
+    image = pa.StructArray.from_arrays([pa.array(img, pa.binary()), pa.array(["x.png"] * 3)], names=["bytes", "path"])
+    pq.write_table(pa.table({"image": image, "id": [7, 8, 9]}), tmp_path / "ids.parquet")
+    got = read_all(Shard(f"file://{tmp_path}/ids.parquet", "parquet"))
+    assert [r.key for r in got] == ["7", "8", "9"] and [r.data for r in got] == img
+    # no key column at all: zero-padded row numbers
+    pq.write_table(pa.table({"label": [1, 2, 3], "jpg": pa.array(img, pa.large_binary())}), tmp_path / "n.parquet")
+    got = read_all(Shard(f"file://{tmp_path}/n.parquet", "parquet"))
+    assert [r.key for r in got] == ["000000", "000001", "000002"] and [r.data for r in got] == img
+    # explicit columns; two binary columns without a preferred name need image_column
+    pq.write_table(pa.table({"name": ["p", "q", "p"], "a": img, "b": img}), tmp_path / "two.parquet")
+    shard = Shard(f"file://{tmp_path}/two.parquet", "parquet")
+    with pytest.raises(ShardError, match="image_column"):
+        read_all(shard)
+    got = read_all(shard, image_column="b", key_column="name")
+    assert [r.key for r in got] == ["p", "q", "p"] and got[2].error.startswith("duplicate_key: ")
+    with pytest.raises(ShardError, match="key_column"):
+        read_all(shard, image_column="a", key_column="nope")
+
+
+# --------------------------------------------------------------------------------------------------------
+# a local filesystem under another protocol that counts what is read
+
+
+class _CountingFile:
+    def __init__(self, f):
+        self._f = f
+
+    def read(self, n=-1):
+        data = self._f.read(n)
+        CountingFS.bytes_read += len(data)
+        return data
+
+    def readinto(self, b):
+        raise AssertionError("tar reading is expected to use read()")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+class CountingFS(LocalFileSystem):
+    protocol = ("counting",)
+    bytes_read = 0
+    opens = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("counting://"))
+
+    def unstrip_protocol(self, name):
+        return "counting://" + self._strip_protocol(name)
+
+    def _open(self, path, mode="rb", **kwargs):
+        CountingFS.opens += 1
+        return _CountingFile(super()._open(path, mode, **kwargs))
+
+
+fsspec.register_implementation("counting", CountingFS, clobber=True)
