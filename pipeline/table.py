@@ -216,7 +216,7 @@ def connect(output: str, con: duckdb.DuckDBPyConnection | None = None) -> duckdb
 
 def relation(output: str, sql: str | None = None, con: duckdb.DuckDBPyConnection | None = None
              ) -> duckdb.DuckDBPyRelation:
-    """A DuckDB relation (lazy; `.arrow()`, `.df()`, `.fetchall()`) of `sql` over `connect(output, con)`.
+    """A DuckDB relation of `sql` over `connect(output, con)`; lazy: `.to_arrow_table()`, `.df()`, `.fetchall()`.
 
     Default: every committed row, `SELECT * FROM predictions`.
     """

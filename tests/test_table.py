@@ -102,3 +102,27 @@ def test_reads_exactly_after_more_commits(tmp_path):
     assert table.read_table(out).num_rows == 2
     do_commit(out, [stage(out, image_rows(B, 3), marker(B, 3))], [B], commit_id="w2")
     assert table.read_table(out, columns=["source"])["source"].to_pylist().count(B) == 3
+
+
+def test_plain_hive_readers_without_vitlabel(tmp_path):
+    """pyarrow.dataset and DuckDB globbing read a committed table as plain hive-partitioned Parquet: the same rows
+    as `read_table`, while a failed attempt's file sits in `_staging/` (a `_` folder neither reader lists)."""
+    import duckdb
+    import pyarrow.dataset as ds
+
+    out = str(tmp_path / "labels")
+    do_commit(out, [stage(out, shard(A, 3, errors=1))], [A], commit_id="c1")
+    do_commit(out, [stage(out, shard(B, 2), run_id="run-2")], [B], commit_id="c2", dt="2024-05-02", run_id="run-2")
+    do_commit(out, [stage(out, shard(C, 4), run_id="run-3")], [C], commit_id="c3", model="vit-other",
+              digest="sha256:other", run_id="run-3")
+    stage(out, shard(C, 4), run_id="run-9")  # never committed
+    assert any(f.startswith("_staging/run-9/") for f in list_files(out))
+    want = sorted((r["image_id"], r["model"], r["dt"]) for r in table.read_table(out).to_pylist())
+
+    raw = ds.dataset(out, format="parquet", partitioning="hive").to_table()
+    assert sorted((r["image_id"], r["model"], r["dt"]) for r in raw.to_pylist()) == want
+
+    rows = duckdb.connect().sql(
+        f"SELECT image_id, model, CAST(dt AS VARCHAR) FROM read_parquet('{out}/model=*/dt=*/*.parquet', "
+        "hive_partitioning = true)").fetchall()
+    assert sorted(rows) == want
