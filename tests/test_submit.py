@@ -1,0 +1,197 @@
+"""`vitlabel submit`: the job it builds, and a real `ray start --head` cluster with token auth (marker: cluster)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from _procs import end_session
+from conftest import free_port
+
+from jobs.cli import main
+from jobs.submit import SubmitError, auth_token, check_no_secrets, dashboard_address, job_entrypoint, job_env
+from pipeline.sources import write_webdataset
+from pipeline.table import read_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SECRET = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEY0001", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-never-shown"}
+
+
+# ------------------------------------------------------------------------------------------ no cluster
+
+
+def test_entrypoint_is_checked_by_the_real_parser():
+    assert job_entrypoint("run", ["--", "--input", "s3://b/in dir/", "--output", "s3://b/out"]) == \
+        "vitlabel run --input 's3://b/in dir/' --output s3://b/out"
+    assert job_entrypoint("nightly", ["--input", "x", "--wave-shards", "4"]).startswith("vitlabel nightly")
+    with pytest.raises(SubmitError, match="does not accept"):
+        job_entrypoint("run", ["--wave-shards", "many"])
+    with pytest.raises(SubmitError, match="does not accept"):
+        job_entrypoint("nightly", ["--no-such-flag"])
+    with pytest.raises(SubmitError, match="expected one of"):
+        job_entrypoint("query", [])
+
+
+def test_job_env_copies_only_named_or_default_credentials():
+    environ = {**SECRET, "AWS_CA_BUNDLE": "/etc/ssl/mine.pem", "AWS_PROFILE": "me", "HOME": "/root"}
+    assert job_env(None, False, environ) == SECRET  # defaults: credentials, region, endpoint; never file paths
+    assert job_env(["AWS_PROFILE"], False, environ) == {"AWS_PROFILE": "me"}
+    assert job_env(None, True, environ) == {}
+    with pytest.raises(SubmitError, match="expected a variable set"):
+        job_env(["AWS_SESSION_TOKEN"], False, environ)
+    with pytest.raises(SubmitError, match="got both"):
+        job_env(["AWS_PROFILE"], True, environ)
+
+
+def test_credentials_in_the_entrypoint_are_refused():
+    entry = job_entrypoint("run", ["--input", "x", "--output", "y", "--tag", f"k={SECRET['AWS_SECRET_ACCESS_KEY']}"])
+    with pytest.raises(SubmitError, match="AWS_SECRET_ACCESS_KEY"):
+        check_no_secrets(entry, {}, SECRET)
+    check_no_secrets(job_entrypoint("run", ["--input", "x"]), SECRET, SECRET)
+
+
+def test_token_is_found_where_ray_looks(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_token({}) is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    (tmp_path / "tok").write_text("from-path")
+    assert auth_token({}) == "from-home"
+    assert auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")}) == "from-path"
+    assert auth_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")}) == "from-env"
+    assert auth_token({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "from-env"}) is None
+    with pytest.raises(SubmitError, match="RAY_AUTH_TOKEN_PATH"):
+        auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+
+
+def test_dashboard_address():
+    assert dashboard_address(None, {}) == "http://127.0.0.1:8265"
+    assert dashboard_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == "http://127.0.0.1:8265"  # a GCS address
+    assert dashboard_address(None, {"RAY_ADDRESS": "http://head:8265/"}) == "http://head:8265"
+    assert dashboard_address(None, {"RAY_DASHBOARD_ADDRESS": "svc:8265"}) == "http://svc:8265"
+    assert dashboard_address("https://ray.example.com", {"RAY_API_SERVER_ADDRESS": "http://x"}) == \
+        "https://ray.example.com"
+
+
+def test_dry_run_shows_names_never_values(capsys, monkeypatch):
+    for k, v in SECRET.items():
+        monkeypatch.setenv(k, v)
+    code = main(["submit", "--dry-run", "--working-dir", str(ROOT), "--", "nightly", "--input", "s3://b/in/",
+                 "--output", "s3://b/out", "--wave-shards", "8"])
+    out = capsys.readouterr().out
+    spec = json.loads(out)
+    assert code == 0 and spec["entrypoint"] == "vitlabel nightly --input s3://b/in/ --output s3://b/out --wave-shards 8"
+    assert spec["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "<set>"
+    assert spec["runtime_env"]["working_dir"] == str(ROOT)
+    assert not any(v in out for v in SECRET.values())
+    assert main(["submit", "--dry-run", "--", "run", "--top-k", "five"]) == 2
+
+
+# ---------------------------------------------------------------------------------------- real cluster
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment minus Ray/AWS settings (nothing connects to the in-process Ray), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head` on 127.0.0.1 with token auth, free ports, its own temp dir and session; no AWS env.
+
+    Yields (dashboard URL, token file). Teardown ends exactly this cluster's processes (its session)."""
+    tmp = tempfile.mkdtemp(prefix="vlray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    token_file = Path(tmp) / "auth_token"
+    token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o600)
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "runtime-env-agent-port")}
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+           "--include-dashboard=true", "--num-cpus", "2", "--temp-dir", tmp, "--disable-usage-stats",
+           *[a for name, port in ports.items() for a in (f"--{name}", str(port))]]
+    env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, out.decode()[-3000:]
+        yield f"http://127.0.0.1:{ports['dashboard-port']}", token_file
+    finally:
+        end_session(proc.pid)  # not `ray stop`: that would end every Ray on this machine
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _submit(args: list[str], env: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "vitlabel"), "submit", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.cluster
+def test_submit_a_run_to_a_token_auth_cluster(ray_head, s3):
+    from jobs.train_digits import digits_split
+
+    address, token_file = ray_head
+    got = subprocess.run([str(BIN / "ray"), "get-auth-token"], capture_output=True, text=True, timeout=30,
+                         env=_clean_env(RAY_AUTH_TOKEN_PATH=str(token_file)))
+    token = got.stdout.strip()
+    assert got.returncode == 0 and token == token_file.read_text()
+
+    _, held = digits_split()
+    for n in range(2):
+        write_webdataset(f"s3://test-bucket/shards/s{n}.tar",
+                         [(f"s{n}-{i}", {"png": _png(img)}) for i, (img, _) in enumerate(held[n * 8:(n + 1) * 8])])
+    # The submitter has the S3 settings (from the moto fixture) and the token; the cluster has neither
+    # S3 credentials nor an endpoint: the job reaches S3 only through the env passed with the submission.
+    env = {**_clean_env(RAY_AUTH_TOKEN=token), **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+
+    assert _submit(["--address", address, "list"], _clean_env(HOME=str(token_file.parent))).returncode == 2
+    for _ in range(20):  # the job server may need a moment after `ray start` returns
+        if _submit(["--address", address, "list"], env, timeout=30).returncode == 0:
+            break
+        time.sleep(1)
+
+    done = _submit(["--address", address, "--working-dir", str(ROOT), "--", "run",
+                    "--input", "s3://test-bucket/shards/", "--output", "s3://test-bucket/table",
+                    "--model", "builtin:digits", "--batch-size", "16", "--preprocess-batch-size", "16",
+                    "--no-progress"], env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert secret not in done.stdout + done.stderr
+    rows = read_table("s3://test-bucket/table", columns=["image_id", "status", "label"]).to_pylist()
+    assert len(rows) == 16 and len({r["image_id"] for r in rows}) == 16
+    assert all(r["status"] == "ok" and r["label"] is not None for r in rows)
+    assert '"images": 16' in done.stdout  # the job's summary came back through the followed logs
+
+    job_id = done.stderr.split("submitted ", 1)[1].split()[0]
+    status = _submit(["--address", address, "status", job_id], env, timeout=30)
+    info = json.loads(status.stdout)
+    assert info["status"] == "SUCCEEDED" and info["entrypoint"].startswith("vitlabel run --input s3://")
+    assert info["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "<set>"
+    logs = _submit(["--address", address, "logs", job_id], env, timeout=30)
+    listed = _submit(["--address", address, "list"], env, timeout=30)
+    for shown in (status.stdout, logs.stdout, logs.stderr, listed.stdout):
+        assert secret not in shown
+    assert job_id in listed.stdout
+
+    failed = _submit(["--address", address, "--working-dir", str(ROOT), "--", "run", "--input",
+                      "s3://test-bucket/shards/", "--output", "s3://test-bucket/other", "--model", "/no/such/model"],
+                     env)
+    assert failed.returncode == 1 and "FAILED" in failed.stderr
