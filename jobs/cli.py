@@ -101,6 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vitlabel: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"vitlabel: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+# Errors whose message says everything a user needs (no traceback): bad input, bad model, a failed wave.
+_USER_ERRORS = (("pipeline.plan", "RunFailed"), ("pipeline.sources", "SourceError"), ("pipeline.model", "ModelError"),
+                ("pipeline.sink", "CommitError"), ("pipeline.reports", "ReportError"))
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Checked against modules already imported, so `vitlabel --help` never pays for torch or ray."""
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
 
 
 if __name__ == "__main__":

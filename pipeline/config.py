@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 RESIZE_MODES = ("squash", "shortest")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
+# Shard-level error codes (sources) that mean "the shard could not be reached": a shard that failed with one of
+# these before yielding any image is not marked done, so a later run tries it again (sink.committed_shards).
+RETRYABLE_SHARD_CODES = ("missing", "unavailable")
 # Pillow's own default bomb limit is 89.5 MP (warning) / 179 MP (error); we make the error explicit.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -94,6 +98,7 @@ class JobConfig:
     max_actors: int = 1  # predictor actor pool upper bound
     gpus_per_actor: float = -1.0  # -1: 1 if the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0  # on CPU the actor runs torch with this many threads
+    compile: bool = False  # torch.compile the model in each actor (GPU: faster after a warm-up; CPU: no gain)
     embeddings: bool = False  # also keep the pooled embedding per image
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decompression-bomb limit (width*height)
     wave_shards: int = 0  # commit every N shards (0: one commit for the whole run)
@@ -204,3 +209,47 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# redaction: every message, manifest and error row goes through `redact` before it leaves the process
+
+REDACTED = "***"
+# Environment variables whose values are secrets wherever they turn up (AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN, RAY_AUTH_TOKEN, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_KEY, ...).
+_SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|ACCESS_KEY|ACCOUNT_KEY|API_KEY|_KEY$",
+                         re.IGNORECASE)
+_MIN_SECRET_CHARS = 8  # shorter values ("1", "true") would mangle messages and are no secret anyway
+_URL_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|"
+                           r"access_token|password|secret|api_key|key)=)[^&\s#'\"]+")
+
+
+def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+    """Values of secret-looking environment variables, longest first (so a secret inside another goes too)."""
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= _MIN_SECRET_CHARS}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """`text` without credentials: URL user:password@ parts, signed-URL query secrets, secret env values."""
+    if not isinstance(text, str) or not text:
+        return text
+    text = _URL_USERINFO.sub(r"\1", text)
+    text = _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+    for value in secret_values():
+        if value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+def redact_obj(obj: Any) -> Any:
+    """`redact` applied to every string (keys included) of a JSON-like value, e.g. a config saved in a manifest."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {redact_obj(k): redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_obj(v) for v in obj]
+    return obj

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -23,13 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, redact
 from pipeline.lease import Lease
-from pipeline.model import describe_model
-from pipeline.predict import Predictor
 from pipeline.preprocess import preprocess_batch
-from pipeline.sink import LabelDatasink, commit, committed_shards
-from pipeline.sources import Shard, ShardError, iter_shard, list_shards, make_image_id
+from pipeline.sink import STAGING_GRACE_S, LabelDatasink, commit, committed_shards, recover
+from pipeline.sources import Shard, ShardError, iter_shard, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,26 @@ ACTOR_RESTARTS = -1  # the predictor holds no state a restart loses
 ACTOR_TASK_RETRIES = 4
 
 
+class RunFailed(RuntimeError):
+    """A wave failed for good (a task or actor out of retries, a model that cannot load): nothing of that wave
+    is committed; earlier waves stay committed and the next run starts where this one stopped."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.+)$")
+
+
+def root_cause(e: BaseException) -> str:
+    """'<Type>: <message>' of the error at the bottom of Ray's wrapping (the last one in its traceback text)."""
+    found = [m for line in _ANSI.sub("", str(e)).splitlines() if (m := _EXCEPTION_LINE.match(line.strip()))]
+    if found:
+        return redact(f"{found[-1].group(1).rsplit('.', 1)[-1]}: {found[-1].group(2)}")
+    first = (str(e).strip().splitlines() or [""])[0]
+    return redact(f"{type(e).__name__}: {first}")
+
+
 def new_run_id(now: dt.datetime | None = None) -> str:
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
@@ -70,19 +87,30 @@ def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: 
         count, shard_error = 0, None
         try:
             for rec in iter_shard(shard, image_column=image_column, key_column=key_column):
-                rows.append((make_image_id(shard.uri, rec.key), shard.uri, rec.key, rec.data, -1, rec.error))
+                rows.append((rec.image_id(shard.uri), shard.uri, rec.key, rec.data, -1, rec.error))
                 count += 1
                 if len(rows) >= rows_per_batch:
                     yield _columns(rows)
                     rows = []
         except ShardError as e:
-            shard_error = f"shard_error: {e}"
+            shard_error = f"shard_error: {e.message}"  # "<code>: ...": sink.shard_done reads the code
         except Exception as e:  # one bad shard never fails the job
-            shard_error = f"shard_error: {type(e).__name__}: {e}"
+            shard_error = redact(f"shard_error: read_error: {type(e).__name__}: {e}")
         if shard_error:
-            log.warning("%s: %s (kept %d images read before it)", shard.uri, shard_error, count)
+            log.warning("%s: %s (kept %d images read before it)", redact(shard.uri), shard_error, count)
         rows.append(("", shard.uri, "", b"", count, shard_error))
         yield _columns(rows)
+
+
+def read_and_preprocess(batch: dict[str, np.ndarray], *, image_column: str, key_column: str, rows_per_batch: int,
+                        contract: Any, max_pixels: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: shard descriptors -> batches of preprocessed rows (tokens), each shard ending in its marker.
+
+    Reading and preprocessing compose here, in the plan, so one CPU task streams one shard; each batch
+    of `rows_per_batch` images is decoded as soon as it is read.
+    """
+    for rows in read_shards(batch, image_column=image_column, key_column=key_column, rows_per_batch=rows_per_batch):
+        yield preprocess_batch(rows, contract=contract, max_pixels=max_pixels)
 
 
 @dataclass
@@ -110,16 +138,19 @@ class RunSummary:
             "commits": [m["commit_id"] for m in self.manifests], **c, "seconds": round(self.seconds, 3),
             "images_per_s": round(c["images"] / self.seconds, 2) if self.seconds else 0.0,
             "shard_error_list": {u: s["error"] for m in self.manifests for u, s in m["shards"].items() if s["error"]},
+            "shards_to_retry": [u for m in self.manifests for u, s in m["shards"].items() if not s.get("done", True)],
         }
 
 
 def resolve(cfg: JobConfig) -> tuple[JobConfig, Any]:
     """Fill in run id, date and model name; returns the resolved config and the model's description."""
     cfg.require_io()
+    from pipeline.model import describe_model  # torch: imported where needed, see build_dataset
+
     info = describe_model(cfg.model)
     return cfg.replace(
         run_id=cfg.run_id or new_run_id(),
-        dt=cfg.dt or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        dt=cfg.dt or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
         model_name=cfg.model_name or info.name,
     ), info
 
@@ -147,17 +178,22 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_a
     """The streaming plan for one wave of shards (not yet executed)."""
     import ray
 
+    # torch is imported here and in resolve(), not at module level: CPU workers unpickle the preprocessing
+    # UDF by importing this module, and torch would add ~1.5 s to each worker's start and ~180 MB to its memory.
+    from pipeline.predict import Predictor
+
     items = [{"uri": s.uri, "format": s.format} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    _bound_inflight(ds.context, cfg, contract, gpus_per_actor)
+    # One task per shard. Two chained map_batches (read batch_size=1, preprocess batch_size=64) would be
+    # fused by Ray Data into one task whose input is bundled up to the larger batch size: 64 shards per
+    # task, read serially, with no overlap between reading and the model (measured: BENCHMARKS.md).
     ds = ds.map_batches(
-        read_shards, batch_size=1, batch_format="numpy", num_cpus=cfg.preprocess_cpus, max_retries=TASK_RETRIES,
-        fn_kwargs={"image_column": cfg.image_column, "key_column": cfg.key_column,
-                   "rows_per_batch": cfg.preprocess_batch_size},
-    )
-    ds = ds.map_batches(
-        preprocess_batch, batch_size=cfg.preprocess_batch_size, batch_format="numpy", num_cpus=cfg.preprocess_cpus,
+        read_and_preprocess, batch_size=1, batch_format="numpy", num_cpus=cfg.preprocess_cpus,
         max_retries=TASK_RETRIES,
-        fn_kwargs={"contract": contract, "max_pixels": cfg.max_image_pixels},
+        fn_kwargs={"image_column": cfg.image_column, "key_column": cfg.key_column,
+                   "rows_per_batch": cfg.preprocess_batch_size, "contract": contract,
+                   "max_pixels": cfg.max_image_pixels},
     )
     threads = max(1, int(cfg.cpus_per_actor))
     ds = ds.map_batches(
@@ -166,9 +202,37 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_a
         num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
         max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
         fn_constructor_kwargs={"model": cfg.model, "top_k": cfg.top_k, "dtype": cfg.dtype,
-                               "embeddings": cfg.embeddings, "num_threads": threads, "batch_size": cfg.batch_size},
+                               "embeddings": cfg.embeddings, "num_threads": threads, "batch_size": cfg.batch_size,
+                               "compile": cfg.compile},
     )
     return ds
+
+
+def _bound_inflight(ctx: Any, cfg: JobConfig, contract: Any, gpus_per_actor: float) -> None:
+    """Small token blocks and a small object-store budget for this dataset (its own DataContext copy).
+
+    Blocks: at most 32 MiB of tokens (~200 images at 224 px) instead of Ray Data's 128 MiB, so the actors
+    start on the first part of a shard and a preprocessing task holds part of a shard, not all of it.
+    Budget: decoding usually outruns the model, and Ray Data lets the queue in front of the actors grow to
+    its share of half the object store; a few blocks per actor and per preprocessing slot keep every actor
+    busy, and anything above that only makes peak memory grow with the input size (BENCHMARKS.md).
+    """
+    import ray
+
+    batch = cfg.preprocess_batch_size * contract.num_patches * contract.token_dim  # bytes of tokens per batch
+    ctx.target_max_block_size = max(batch + (1 << 20), 32 << 20)  # + room for the other columns
+    limits = ctx.execution_options.resource_limits
+    if limits.object_store_memory not in (None, float("inf")):
+        return  # the caller set a budget: keep it
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    actor_cpus = cfg.max_actors * cfg.cpus_per_actor
+    slots = max(1, int((cpus - actor_cpus) // cfg.preprocess_cpus)) if cpus > actor_cpus else 1
+    per_actor = 16 if gpus_per_actor > 0 else 4  # a GPU actor drains a block in milliseconds
+    budget = max(256 << 20, (per_actor * cfg.max_actors + 2 * slots) * ctx.target_max_block_size)
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    if store:
+        budget = min(budget, store / 2)  # never above Ray Data's own default share
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=budget)
 
 
 def waves(shards: list[Shard], wave_shards: int) -> list[list[Shard]]:
@@ -197,6 +261,9 @@ def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> Run
     import ray
     from ray.data import DataContext
 
+    # Finish or undo a commit a killed driver left half done, before deciding what is pending. Only the
+    # lease holder may also sweep fresh staging folders (without a lease another run may still be writing).
+    recover(cfg.output, staging_grace_s=0.0 if lease is not None else STAGING_GRACE_S)
     shards, pending = plan_shards(cfg, info.digest)
     summary = RunSummary(run_id=cfg.run_id, output=cfg.output, model=cfg.model_name, model_digest=info.digest,
                          dt=cfg.dt, shards_total=len(shards), shards_skipped=len(shards) - len(pending))
@@ -218,7 +285,11 @@ def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> Run
         tw = time.perf_counter()
         sink = LabelDatasink(output=cfg.output, run_id=cfg.run_id, staging_id=commit_id,
                              model_digest=info.digest, embeddings=cfg.embeddings)
-        build_dataset(cfg, wave, info.contract, gpus).write_datasink(sink)
+        try:
+            build_dataset(cfg, wave, info.contract, gpus).write_datasink(sink)
+        except Exception as e:  # Ray gave up (its retries are bounded): say what broke, in one line
+            raise RunFailed(f"run {cfg.run_id}: wave {k + 1}/{len(all_waves)} ({len(wave)} shards) failed, nothing "
+                            f"of it committed ({len(summary.manifests)} earlier wave(s) are): {root_cause(e)}") from e
         seconds = time.perf_counter() - tw
         images = sum(r["rows"] for r in sink.results)
         if lease is not None:

@@ -7,7 +7,12 @@ Tokens stay uint8 so they cross the object store at a quarter of float32's size;
 happens on the device, folded into the model's patch projection.
 
 A bad image never raises out of `preprocess_batch`: it becomes a row with status "error" and an
-error "<code>: <message>".
+error "<code>: <message>". Codes (stable, for grouping): empty, not_an_image, unsupported_format,
+too_large, decode_error.
+
+Hardening: only the decoders of the formats in `DECODED_FORMATS` ever run (Pillow identifies any format
+from its header, but e.g. EPS would start Ghostscript), and the pixel limit (the decompression-bomb guard,
+`max_pixels`, default `config.DEFAULT_MAX_IMAGE_PIXELS`) is checked from the header, before any decoding.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ _RESAMPLE = {
 _EXIF_ORIENTATION = 0x0112
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _MAX_ERROR_CHARS = 300
+# Formats whose decoders may run (config.IMAGE_EXTENSIONS; MPO is what phones write as .jpg; DIB is BMP's body).
+DECODED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "PPM"})
 
 # Our own pixel limit (checked right after the header is read) is the bomb guard; Pillow's global
 # one would warn on every large image and its error threshold is 2x ours, so silence the warning.
@@ -102,8 +109,15 @@ def load_pixels(data: bytes, contract: ImageContract, max_pixels: int = DEFAULT_
     """
     if data is None or len(data) == 0:
         raise ImageError("empty", "zero bytes")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        # Pillow's own guard (it raises at 2x this, inside open) must not refuse what the configured limit
+        # allows; it is only ever raised here, never lowered: our own check below enforces lower limits.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        if img.format not in DECODED_FORMATS:
+            raise ImageError("unsupported_format", f"{img.format} images are not decoded "
+                                                   f"(expected one of {sorted(DECODED_FORMATS)})")
         w0, h0 = img.size
         if w0 * h0 > max_pixels:
             raise ImageError("too_large", f"{w0}x{h0} pixels exceeds the limit of {max_pixels}")
@@ -129,7 +143,7 @@ def load_pixels(data: bytes, contract: ImageContract, max_pixels: int = DEFAULT_
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError("too_large", str(e)[:_MAX_ERROR_CHARS]) from e
+        raise ImageError("too_large", f"exceeds the limit of {max_pixels} pixels: {e}"[:_MAX_ERROR_CHARS]) from e
     except UnidentifiedImageError as e:
         raise ImageError("not_an_image", "cannot identify image format") from e
     except MemoryError as e:

@@ -9,10 +9,20 @@ Commit protocol (a Parquet file is part of the table only when a committed manif
 2. `LabelDatasink` collects the results of the successful write tasks only (Ray hands
    `on_write_complete` exactly those), so files written by failed or retried attempts are never named.
 3. `commit` (driver) checks every expected shard is fully covered (a marker seen, rows == images),
-   moves the staged files to `OUTPUT/model=<name>/dt=<dt>/part-<commit_id>-<n:05d>.parquet`, writes
-   `OUTPUT/_manifests/<commit_id>.json` LAST and exclusively, then deletes the staging folders of this
-   commit (the files of failed attempts included).
-   A crash before the manifest leaves only unnamed files; the readers in `pipeline.table` never see them.
+   writes the whole manifest as an intent `OUTPUT/_pending/<commit_id>.json` (write-ahead), moves
+   the staged files to `OUTPUT/model=<name>/dt=<dt>/part-<commit_id>-<n:05d>.parquet`, writes
+   `OUTPUT/_manifests/<commit_id>.json` LAST and exclusively (the commit point), then deletes the intent and
+   the staging folders of this commit (the files of failed attempts included).
+4. `recover` (driver, at the start of every run, before listing) finishes what a killed driver left: an
+   intent whose files are all still there (staged or moved) is rolled forward (moves finished, manifest
+   written); otherwise rolled back (moved files deleted, its shards stay pending). Part files that no
+   manifest names are deleted; stale staging folders too. After it, every part file in a partition is named
+   by a committed manifest, so even raw globs over the partitions see exactly the table.
+   Between a crash mid-commit and the next run, raw globs may see the moved files; `pipeline.table` never does.
+
+A shard's manifest entry says whether it is `done`: yes unless its reader could not reach it at all
+(marker error code `missing` or `unavailable`, no rows), so a shard deleted after listing or unreadable for
+lack of permission is tried again by the next run, while a corrupt shard is recorded once, with its error.
 
 `_staging` and `_manifests` start with `_`, so pyarrow.dataset ignores them; DuckDB globs should name the
 partitions (`OUTPUT/model=*/dt=*/*.parquet`). `model` and `dt` live only in the path (hive style).
@@ -28,7 +38,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -40,10 +50,15 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from pipeline.config import RETRYABLE_SHARD_CODES, redact, redact_obj
+from pipeline.storage import create_only
+
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = "_staging"
 MANIFEST_DIR = "_manifests"
+PENDING_DIR = "_pending"  # write-ahead intents; `_`-prefixed: readers skip it, and `_manifests/` holds only commits
+STAGING_GRACE_S = 6 * 3600.0  # recover() leaves younger staging folders alone unless the caller is the only writer
 MANIFEST_VERSION = 1
 PARTITION_COLUMNS = ("model", "dt")
 MARKER_COLUMN = "shard_images"  # -1 on image rows; N >= 0 on the one marker row per shard
@@ -127,6 +142,11 @@ def manifest_path(commit_id: str) -> str:
     return f"{MANIFEST_DIR}/{commit_id}.json"
 
 
+def pending_path(commit_id: str) -> str:
+    """Write-ahead intent of a commit in progress, relative to OUTPUT."""
+    return f"{PENDING_DIR}/{commit_id}.json"
+
+
 # -------------------------------------------------------------------------------------------- write tasks
 
 
@@ -204,6 +224,15 @@ def _image_table(table: pa.Table, schema: pa.Schema, run_cols: dict[str, pa.Arra
     return out
 
 
+def _redact_errors(table: pa.Table) -> pa.Table:
+    """Error messages quote exceptions; make sure no credential rides along into the table."""
+    col = table.column("error")
+    if col.null_count == table.num_rows:
+        return table
+    values = [redact(v) if v else v for v in col.to_pylist()]
+    return table.set_column(table.schema.get_field_index("error"), "error", pa.array(values, pa.string()))
+
+
 def write_staging(
     tables: Iterable[pa.Table | Mapping[str, Any]],
     *,
@@ -223,7 +252,7 @@ def write_staging(
     staging_id = staging_id or run_id
     _check_name("staging_id", staging_id)
     schema = output_schema(embeddings)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     run_cols = {
         "model_digest": pa.scalar(model_digest, pa.string()),
         "run_id": pa.scalar(run_id, pa.string()),
@@ -255,10 +284,10 @@ def write_staging(
                 srcs, counts = marks.column("source").to_pylist(), marks.column(MARKER_COLUMN).to_pylist()
                 errs = marks.column("error").to_pylist() if "error" in marks.column_names else [None] * len(srcs)
                 for src, n, e in zip(srcs, counts, errs, strict=True):
-                    markers[src] = {"images": int(n), "error": e}
+                    markers[src] = {"images": int(n), "error": redact(e) if e else e}
             if images.num_rows == 0:
                 continue
-            out = _image_table(images, schema, run_cols)
+            out = _redact_errors(_image_table(images, schema, run_cols))
             for row in pc.value_counts(out.column("source")).to_pylist():
                 shard_rows[row["values"]] = shard_rows.get(row["values"], 0) + row["counts"]
             for row in pc.value_counts(out.column("status")).to_pylist():
@@ -400,36 +429,8 @@ def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, int]:
 
 def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Publish the manifest exclusively: never overwrite an existing commit."""
-    if _exists(fs, path):
+    if _exists(fs, path) or not create_only(fs, path, data):
         raise CommitError(f"manifest {path.rsplit('/', 1)[-1]} already exists: commit already done")
-    parent = path.rsplit("/", 1)[0]
-    if _is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic and exclusive: fails if another commit got there first
-        except FileExistsError as e:
-            raise CommitError(f"manifest {os.path.basename(path)} already exists: commit already done") from e
-        except OSError:  # filesystems without hard links: atomic rename after the check above
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return
-    try:
-        fs.pipe_file(path, data, mode="create")  # s3fs: a single PUT with If-None-Match: *
-    except FileExistsError as e:
-        raise CommitError(f"manifest {path.rsplit('/', 1)[-1]} already exists: commit already done") from e
-    except (TypeError, NotImplementedError, OSError):
-        # stores or fsspec backends without conditional writes: a plain single PUT after the check above
-        if _exists(fs, path):
-            raise CommitError(f"manifest {path.rsplit('/', 1)[-1]} already exists: commit already done") from None
-        logger.info("conditional write not supported for %s; using a plain put", type(fs).__name__)
-        fs.pipe_file(path, data)
 
 
 def commit(
@@ -494,37 +495,33 @@ def commit(
         raise CommitError(f"commit {commit_id!r} refused, {len(problems)} shard(s) not exactly covered: "
                           + "; ".join(shown) + more, shards=list(problems))
 
-    # Move staged files into the partition. Sorted so a resumed commit maps each file to the same name.
-    # Two listings instead of a HEAD per file; a file already at its destination was moved by an
-    # earlier attempt of this same commit (crash before the manifest).
+    # Plan the moves. Sorted so a resumed commit maps each file to the same name. Two listings instead of
+    # a HEAD per file; a file already at its destination was moved by an earlier attempt of this same
+    # commit (crash before the manifest).
     part_dir = partition_prefix(model_name, dt)
     staged: dict[str, int] = {}
     for d in staging_dirs:
         staged.update(_listing(fs, f"{root}/{d}/*.parquet"))
     placed = _listing(fs, f"{root}/{part_dir}/part-{commit_id}-*.parquet")
-    plan = []
+    moves: list[list[str]] = []  # [staged rel, destination rel]
+    manifest_files = []
     for n, rel in enumerate(sorted(files)):
         dest_rel = f"{part_dir}/part-{commit_id}-{n:05d}.parquet"
-        src, dest = f"{root}/{rel}", f"{root}/{dest_rel}"
-        size = staged.get(src, placed.get(dest))
+        size = staged.get(f"{root}/{rel}", placed.get(f"{root}/{dest_rel}"))
         if size is None:
             raise CommitError(f"commit {commit_id!r}: staged file {rel} is missing")
         want = files[rel]["bytes"]
         if want and size != want:
             raise CommitError(f"commit {commit_id!r}: {rel} has {size} bytes, the write task wrote {want}")
-        plan.append((rel, src, dest, dest_rel, src in staged, size))
-    if plan:
-        fs.makedirs(f"{root}/{part_dir}", exist_ok=True)
-    manifest_files = []
-    for rel, src, dest, dest_rel, is_staged, size in plan:
-        if is_staged:
-            fs.mv(src, dest)
+        moves.append([rel, dest_rel])
         manifest_files.append({"path": dest_rel, "rows": files[rel]["rows"], "bytes": int(size)})
 
-    shards = {
-        src: {"images": markers[src]["images"], "rows": shard_rows.get(src, 0), "error": markers[src]["error"]}
-        for src in expected
-    }
+    shards = {}
+    for src in expected:
+        error = redact(markers[src]["error"]) if markers[src]["error"] else None
+        rows = shard_rows.get(src, 0)
+        shards[src] = {"images": markers[src]["images"], "rows": rows, "error": error,
+                       "done": shard_done(error, rows)}
     manifest = {
         "version": MANIFEST_VERSION,
         "run_id": run_id,
@@ -532,7 +529,7 @@ def commit(
         "model": model_name,
         "model_digest": model_digest,
         "dt": dt,
-        "committed_at": datetime.now(timezone.utc).isoformat(),
+        "committed_at": datetime.now(UTC).isoformat(),
         "files": manifest_files,
         "shards": shards,
         "counts": {
@@ -542,20 +539,73 @@ def commit(
             "shards": len(shards),
             "shard_errors": sum(1 for s in shards.values() if s["error"]),
         },
-        "config": config,
+        "config": redact_obj(config),
         "stats": stats,
     }
-    data = json.dumps(manifest, indent=1, sort_keys=False, default=_json_default).encode()
-    _write_manifest(fs, mpath, data)  # the commit point
+    intent = {"version": MANIFEST_VERSION, "commit_id": commit_id, "moves": moves,
+              "staging_dirs": sorted(staging_dirs), "manifest": manifest}
+    _write_intent(fs, root, commit_id, _dumps(intent))  # write-ahead: from here on, recover() can finish it
+    _apply_moves(fs, root, moves)
+    _write_manifest(fs, mpath, _dumps(manifest))  # the commit point
     logger.info("committed %s: %d files, %d rows, %d shards", commit_id, len(manifest_files),
                 sum(f["rows"] for f in manifest_files), len(shards))
-
-    for rel in files:  # best effort: anything of this commit still in staging (e.g. mv copied, delete failed)
-        _remove_quietly(fs, f"{root}/{rel}")
-    if cleanup:
-        for d in staging_dirs:
-            _remove_quietly(fs, f"{root}/{d}", recursive=True)
+    _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs if cleanup else ())
     return manifest
+
+
+def shard_done(error: str | None, rows: int) -> bool:
+    """A shard is done unless its reader could not reach it at all: then a later run tries it again.
+
+    Marker errors read "shard_error: <code>: <message>" (codes from `pipeline.sources`). A shard that was
+    reached and read in part keeps its rows and is done: retrying it would label those rows twice.
+    """
+    if not error:
+        return True
+    code = error.removeprefix("shard_error:").strip().split(":", 1)[0].strip()
+    return not (code in RETRYABLE_SHARD_CODES and rows == 0)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=False, default=_json_default).encode()
+
+
+def _write_intent(fs: fsspec.AbstractFileSystem, root: str, commit_id: str, data: bytes) -> None:
+    """Publish the intent whole (local: temp file + rename; object stores: one PUT), overwriting a stale one."""
+    path = f"{root}/{pending_path(commit_id)}"
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{os.path.dirname(path)}/.{commit_id}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    fs.pipe_file(path, data)
+
+
+def _apply_moves(fs: fsspec.AbstractFileSystem, root: str, moves: list[list[str]]) -> None:
+    """Move staged files to their partitions; a file already at its destination (an earlier attempt) is skipped."""
+    dirs = {dest.rsplit("/", 1)[0] for _, dest in moves}
+    for d in sorted(dirs):
+        fs.makedirs(f"{root}/{d}", exist_ok=True)
+    for rel, dest in moves:
+        src, dst = f"{root}/{rel}", f"{root}/{dest}"
+        try:
+            fs.mv(src, dst)
+        except FileNotFoundError:
+            if not _exists(fs, dst):
+                raise
+
+
+def _finish_commit(fs: fsspec.AbstractFileSystem, root: str, commit_id: str, staged: list[str],
+                   staging_dirs: Iterable[str]) -> None:
+    """After the manifest: drop the intent, then (best effort) this commit's staging leftovers."""
+    _remove_quietly(fs, f"{root}/{pending_path(commit_id)}")
+    for rel in staged:  # anything of this commit still in staging (e.g. mv copied, delete failed)
+        _remove_quietly(fs, f"{root}/{rel}")
+    for d in staging_dirs:
+        _remove_quietly(fs, f"{root}/{d}", recursive=True)
 
 
 def _json_default(o: Any) -> Any:
@@ -607,9 +657,106 @@ def _manifests(output: str) -> list[dict[str, Any]]:
 
 
 def committed_shards(output: str, model_digest: str) -> set[str]:
-    """Shard URIs named by committed manifests for `model_digest` (done shards, shard errors included)."""
+    """Shard URIs that committed manifests for `model_digest` mark done (corrupt shards included, with their
+    error; shards that could not be reached are not done: see `shard_done`)."""
     done: set[str] = set()
     for m in _manifests(output):
         if m.get("model_digest") == model_digest:
-            done.update(m.get("shards", {}))
+            done.update(uri for uri, s in m.get("shards", {}).items() if s.get("done", True))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- recovery
+
+_PART_RE = re.compile(r"part-(?P<commit>[A-Za-z0-9_.-]+)-\d{5}\.parquet")
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Modification time (epoch seconds) from an fsspec info dict: local `mtime`, S3 `LastModified`."""
+    t = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if isinstance(t, datetime):
+        return t.timestamp()
+    return float(t) if isinstance(t, (int, float)) else None
+
+
+def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> dict[str, list[str]]:
+    """Finish or undo what a killed driver left in OUTPUT; call before listing pending shards.
+
+    - each intent `_pending/<commit_id>.json`: if its manifest exists, the commit is done (intent
+      dropped); else if every file is still staged or already moved, roll forward (finish the moves, write the
+      manifest it holds); else roll back (delete its moved files: its shards stay pending).
+    - part files in `model=*/dt=*/` that no committed manifest names are deleted (crash mid-commit under the
+      old protocol, or a rolled-back commit).
+    - staging folders no intent needs, older than `staging_grace_s` (0: all; None: keep all), are deleted.
+
+    Meant for the one writer of OUTPUT (nightly holds the lease). Returns what it did, by kind.
+    """
+    fs, root = _fs(output)
+    fs.invalidate_cache()
+    done: dict[str, list[str]] = {"completed": [], "rolled_forward": [], "rolled_back": [], "orphans_removed": [],
+                                  "staging_removed": []}
+    for path in sorted(_listing(fs, f"{root}/{PENDING_DIR}/*.json")):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("."):
+            continue
+        try:
+            try:
+                intent = json.loads(fs.cat_file(path))
+            except FileNotFoundError:  # finished meanwhile
+                continue
+            commit_id, moves, manifest = intent["commit_id"], intent["moves"], intent["manifest"]
+            _check_name("commit_id", commit_id)
+            for rel, dest in moves:
+                if _STAGED_RE.fullmatch(rel) is None or ".." in rel or ".." in dest or dest.startswith("/"):
+                    raise ValueError(f"bad move {rel!r} -> {dest!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            # Intents are published whole (rename / single PUT), so this is not a crash artefact: stop.
+            raise CommitError(f"recover: expected a commit intent in {PENDING_DIR}/{name}, got unreadable "
+                              f"content ({e}); inspect and delete it by hand") from e
+        staging_dirs = set(intent.get("staging_dirs", []))
+        mpath = f"{root}/{manifest_path(commit_id)}"
+        if _exists(fs, mpath):  # crashed after the commit point: only the clean-up was left
+            _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs)
+            done["completed"].append(commit_id)
+            continue
+        present = [_exists(fs, f"{root}/{rel}") or _exists(fs, f"{root}/{dest}") for rel, dest in moves]
+        if all(present):
+            _apply_moves(fs, root, moves)
+            _write_manifest(fs, mpath, _dumps(manifest))
+            _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs)
+            done["rolled_forward"].append(commit_id)
+            logger.warning("recover: finished commit %s left by a stopped driver (%d files)", commit_id, len(moves))
+        else:
+            for _, dest in moves:
+                _remove_quietly(fs, f"{root}/{dest}")
+            _remove_quietly(fs, path)
+            done["rolled_back"].append(commit_id)
+            logger.warning("recover: rolled back commit %s: %d of its staged files are gone; its shards stay "
+                           "pending", commit_id, present.count(False))
+
+    named = {f["path"] for m in _manifests(output) for f in m.get("files", [])}
+    for path in sorted(_listing(fs, f"{root}/model=*/dt=*/part-*.parquet")):
+        rel = path[len(root) + 1:]
+        if rel not in named and _PART_RE.fullmatch(rel.rsplit("/", 1)[-1]):
+            _remove_quietly(fs, path)
+            done["orphans_removed"].append(rel)
+    if done["orphans_removed"]:
+        logger.warning("recover: removed %d part files no manifest names", len(done["orphans_removed"]))
+
+    if staging_grace_s is not None:
+        now = datetime.now(UTC).timestamp()
+        try:
+            entries = fs.ls(f"{root}/{STAGING_DIR}", detail=True)
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if entry.get("type") != "directory":
+                continue  # not ours: `_staging/` holds one folder per run or wave
+            d = entry["name"].rstrip("/")
+            if staging_grace_s > 0:  # a run may still be writing there: only folders quiet for the grace period
+                times = [t for t in (_mtime(i) for i in fs.ls(d, detail=True)) if t is not None]
+                if not times or now - max(times) < staging_grace_s:
+                    continue
+            _remove_quietly(fs, d, recursive=True)
+            done["staging_removed"].append(d[len(root) + 1:])
     return done

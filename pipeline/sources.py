@@ -8,10 +8,18 @@ Three formats, one record shape:
   `Image` struct {bytes, path}.
 - folder: a directory that directly holds image files; each file is one record keyed by its file name.
 
-A record that cannot be an image (no image member, null bytes, a symlink) is a `Record` with `error` set,
-never an exception: one bad image never fails a shard. A shard that cannot be read to the end (truncated
-or corrupt tar, unreadable parquet, missing file) raises `ShardError`, but only after yielding every record
-read before the failure. Credentials come from the environment only and never appear in messages.
+A record that cannot be an image (no image member, null bytes, a link or an unsafe member name, a duplicate
+key) is a `Record` with `error` set, never an exception: one bad image never fails a shard. A shard that cannot
+be read to the end (truncated or corrupt tar, unreadable parquet, missing file) raises `ShardError`, but only
+after yielding every record read before the failure; so does a shard read to its end that held unsafe members
+or duplicate keys (a shard-level summary of those error records). `ShardError.message` starts with a code:
+
+    missing, unavailable                      the shard could not be reached: worth retrying in a later run
+    truncated, corrupt, bad_schema,           the shard's content is broken: retrying gives the same answer
+    bad_member, duplicate_key, read_error
+
+Keys are data, never paths: nothing is extracted, and member names are only compared and hashed.
+Credentials come from the environment only and never appear in messages (`config.redact`).
 
 This module reads and writes bytes; it does not decode images and does not import ray or other stages.
 """
@@ -19,6 +27,8 @@ This module reads and writes bytes; it does not decode images and does not impor
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import hashlib
 import io
 import json
@@ -26,6 +36,7 @@ import os
 import posixpath
 import re
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -33,7 +44,7 @@ from typing import Any, NamedTuple
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import IMAGE_EXTENSIONS, INPUT_FORMATS
+from pipeline.config import IMAGE_EXTENSIONS, INPUT_FORMATS, RETRYABLE_SHARD_CODES, redact
 
 WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -42,6 +53,10 @@ IMAGE_COLUMN_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "bytes")  # 
 READ_BLOCK_SIZE = 8 * 2**20  # fsspec read-ahead block: bounds memory per open shard (s3fs default is 50 MiB)
 TAR_BUFSIZE = 2**20  # tarfile's stream read size: fewer, larger reads through the fsspec file
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# OSError numbers that mean "could not reach the bytes" rather than "the bytes are bad" (s3fs maps S3's
+# 5xx/SlowDown to EIO/EBUSY/EREMOTEIO once its own and botocore's retries are spent).
+_UNAVAILABLE_ERRNOS = {errno.EIO, errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                       errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EREMOTEIO, errno.EACCES}
 
 
 class SourceError(ValueError):
@@ -49,14 +64,23 @@ class SourceError(ValueError):
 
 
 class ShardError(Exception):
-    """A shard could not be read to its end; records read before the failure were already yielded.
+    """A shard could not be read to its end (or held bad members); records read before were already yielded.
 
-    `message` starts with a code: missing, truncated, corrupt or read_error."""
+    `message` starts with a code (module docstring); `retryable` when the shard could not be reached."""
 
     def __init__(self, uri: str, message: str):
+        message = redact(message)
         super().__init__(uri, message)  # both in args, so the error pickles (Ray ships it between processes)
         self.uri = uri
         self.message = message
+
+    @property
+    def code(self) -> str:
+        return self.message.split(":", 1)[0]
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE_SHARD_CODES
 
     def __str__(self) -> str:
         return f"{_redact(self.uri)}: {self.message}"
@@ -70,14 +94,26 @@ class Shard:
 
 
 class Record(NamedTuple):
-    key: str  # unique within the shard: WebDataset key, parquet key/path/row number, or file name
+    key: str  # WebDataset key, parquet key/path/row number, or file name (repeats only on duplicate_key records)
     data: bytes | None  # encoded image bytes; None when error is set
     error: str | None = None  # "<code>: <message>", codes: no_image, bad_member, duplicate_key, read_error
+    id_key: str | None = None  # what the image id hashes instead of `key`: unique in the shard (duplicates)
+
+    def image_id(self, source_uri: str) -> str:
+        return make_image_id(source_uri, self.key if self.id_key is None else self.id_key)
 
 
 def make_image_id(source_uri: str, key: str) -> str:
     """Stable image id: the same shard URI and key give the same id in every run."""
     return hashlib.sha256(f"{source_uri}#{key}".encode()).hexdigest()[:32]
+
+
+def _unique_id_key(key: str, seen: set[str]) -> str:
+    """The n-th repeat of a key hashes as '<key>\\0<n>' (n chosen so it is unseen): every record keeps its own id."""
+    n = 1
+    while f"{key}\0{n}" in seen:
+        n += 1
+    return f"{key}\0{n}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,8 +132,8 @@ def _url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def _redact(url: str) -> str:
-    """Drop any user:password@ part of a URL before it goes into a message."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url)
+    """Drop any user:password@ part (and any other credential) of a URL before it goes into a message."""
+    return redact(url)
 
 
 def _ignored(relpath: str) -> bool:
@@ -240,10 +276,51 @@ def iter_shard(shard: Shard, *, image_column: str = "auto", key_column: str = "a
     raise SourceError(f"shard.format: expected one of webdataset, parquet, folder, got {shard.format!r}")
 
 
+def _unavailable(e: BaseException) -> bool:
+    """An I/O failure reaching the bytes (permission, network, throttling), not bad bytes."""
+    if isinstance(e, (gzip.BadGzipFile, tarfile.TarError)):
+        return False
+    if isinstance(e, (PermissionError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(e, OSError) and e.errno in _UNAVAILABLE_ERRNOS:
+        return True
+    return type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests")
+
+
 def _open_error(uri: str, e: Exception) -> ShardError:
     if isinstance(e, FileNotFoundError):
         return ShardError(uri, "missing: the shard does not exist (deleted after listing?)")
+    if _unavailable(e):
+        return ShardError(uri, f"unavailable: cannot open the shard: {type(e).__name__}: {e}")
     return ShardError(uri, f"read_error: {type(e).__name__}: {e}")
+
+
+def _unsafe_name(name: str) -> bool:
+    """Absolute or parent-relative member names: harmless here (nothing is extracted), but never legitimate."""
+    parts = re.split(r"[/\\]", name)
+    return name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[/\\]", name) is not None or ".." in parts
+
+
+class _Problems:
+    """Counts a shard's bad-member and duplicate-key records, for one shard-level summary at its end."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def add(self, rec: Record) -> Record:
+        code = rec.error.split(":", 1)[0] if rec.error else None
+        if code in ("bad_member", "duplicate_key"):
+            self.counts[code] = self.counts.get(code, 0) + 1
+            self.first.setdefault(code, rec.key)
+        return rec
+
+    def summary(self) -> str | None:
+        if not self.counts:
+            return None
+        what = {"bad_member": "unsafe or link member(s)", "duplicate_key": "duplicate key(s)"}
+        parts = [f"{n} {what[c]} (first: {self.first[c][:80]!r})" for c, n in self.counts.items()]
+        return f"{next(iter(self.counts))}: " + "; ".join(parts) + "; recorded as error rows"
 
 
 class _TarInfo(tarfile.TarInfo):
@@ -266,7 +343,7 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 class _Sample:
-    __slots__ = ("key", "exts", "image", "image_exact", "link")
+    __slots__ = ("key", "exts", "image", "image_exact", "link", "unsafe")
 
     def __init__(self, key: str):
         self.key = key
@@ -274,8 +351,12 @@ class _Sample:
         self.image: bytes | None = None
         self.image_exact = False  # the image member's whole extension is an image extension ("jpg", not "seg.jpg")
         self.link: str | None = None  # an image-named symlink/hardlink member
+        self.unsafe: str | None = None  # a member name that is absolute or climbs out with '..'
 
     def record(self) -> Record:
+        if self.unsafe is not None:
+            return Record(self.key, None, f"bad_member: unsafe member name {self.unsafe[:200]!r} "
+                                          "(absolute or '..' path)")
         if self.image is not None:
             return Record(self.key, self.image)
         if self.link is not None:
@@ -291,8 +372,10 @@ def _iter_webdataset(uri: str) -> Iterator[Record]:
     except Exception as e:
         raise _open_error(uri, e) from e
     seen: set[str] = set()
+    problems = _Problems()
     current: _Sample | None = None
     members = 0
+    fatal: ShardError | None = None
     with f:
         try:
             tar = tarfile.open(fileobj=f, mode="r|*", bufsize=TAR_BUFSIZE, tarinfo=_TarInfo)
@@ -306,9 +389,12 @@ def _iter_webdataset(uri: str) -> Iterator[Record]:
                     continue  # directories, devices, fifos: not part of any sample
                 if current is None or key != current.key:
                     if current is not None:
-                        yield _finish(current, seen)
+                        yield problems.add(_finish(current, seen))
                     current = _Sample(key)
                 current.exts.append(ext)
+                if _unsafe_name(name):
+                    current.unsafe = current.unsafe or name
+                    continue
                 last = ext.rsplit(".", 1)[-1].lower()
                 if last not in IMAGE_EXTENSIONS:
                     continue  # not read: tarfile skips its data when it advances
@@ -322,21 +408,36 @@ def _iter_webdataset(uri: str) -> Iterator[Record]:
                     current.image = fobj.read()
                     current.image_exact = exact
             stop = getattr(tar, "_vitlabel_stop", None)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            code = "truncated" if isinstance(e, EOFError) or "unexpected end" in str(e) else "read_error"
-            raise ShardError(uri, f"{code}: tar unreadable after {members} members: {e}") from e
-    if isinstance(stop, tarfile.InvalidHeaderError):
-        raise ShardError(uri, f"corrupt: bad tar header after {members} members ({stop})")
-    if not isinstance(stop, tarfile.EOFHeaderError):  # empty or short header: the file just stops
-        raise ShardError(uri, f"truncated: tar ends after {members} members without an end-of-archive marker")
-    if current is not None:
-        yield _finish(current, seen)
+            if isinstance(stop, tarfile.InvalidHeaderError):
+                fatal = ShardError(uri, f"corrupt: bad tar header after {members} members ({stop})")
+            elif not isinstance(stop, tarfile.EOFHeaderError):  # empty or short header: the file just stops
+                fatal = ShardError(uri, f"truncated: tar ends after {members} members without an end-of-archive "
+                                        "marker")
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            if isinstance(e, EOFError) or "unexpected end" in str(e):
+                code = "truncated"
+            elif isinstance(e, (tarfile.TarError, zlib.error, gzip.BadGzipFile)):
+                code = "corrupt"
+            else:
+                code = "unavailable" if _unavailable(e) else "read_error"
+            problem = problems.summary()
+            also = f" (before it: {problem})" if problem else ""
+            raise ShardError(uri, f"{code}: tar unreadable after {members} members: {e}{also}") from e
+    if fatal is None and current is not None:  # the last sample is complete only if the archive ended properly
+        yield problems.add(_finish(current, seen))
+    problem = problems.summary()
+    if fatal is not None:
+        raise ShardError(fatal.uri, fatal.message + (f" (before it: {problem})" if problem else ""))
+    if problem:
+        raise ShardError(uri, problem)
 
 
 def _finish(sample: _Sample, seen: set[str]) -> Record:
-    """A key that comes back after other keys is a second sample with the same id: keep the first only."""
+    """A key that comes back after other keys is a second sample with the same key: an error row with its own id."""
     if sample.key in seen:
-        return Record(sample.key, None, "duplicate_key: an earlier sample in this shard has the same key")
+        id_key = _unique_id_key(sample.key, seen)
+        seen.add(id_key)
+        return Record(sample.key, None, "duplicate_key: an earlier sample in this shard has the same key", id_key)
     seen.add(sample.key)
     return sample.record()
 
@@ -422,11 +523,17 @@ def _iter_parquet(uri: str, image_column: str, key_column: str) -> Iterator[Reco
     with f:
         try:
             pf = pq.ParquetFile(f)
+        except Exception as e:  # not parquet, or I/O: the whole shard is unusable
+            code = "unavailable" if _unavailable(e) else "corrupt"
+            raise ShardError(uri, f"{code}: parquet unreadable: {type(e).__name__}: {e}") from e
+        try:
             image_col, is_struct = _image_column(pf.schema_arrow, image_column)
             keys = _parquet_keys(pf, image_col, is_struct, key_column)
-        except Exception as e:  # not parquet, wrong columns, I/O: the whole shard is unusable
-            raise ShardError(uri, f"read_error: parquet unreadable: {type(e).__name__}: {e}") from e
+        except Exception as e:  # wrong or missing columns (or I/O reading the key column)
+            code = "unavailable" if _unavailable(e) else "bad_schema"
+            raise ShardError(uri, f"{code}: parquet unreadable: {type(e).__name__}: {e}") from e
         seen: set[str] = set()
+        problems = _Problems()
         row = 0
         for rg in range(pf.metadata.num_row_groups):
             try:
@@ -436,19 +543,28 @@ def _iter_parquet(uri: str, image_column: str, key_column: str) -> Iterator[Reco
                     valid = column.is_valid().to_pylist()
                     values = [v if ok else None for v, ok in zip(values, valid, strict=True)]
             except Exception as e:
-                raise ShardError(uri, f"read_error: parquet row group {rg} unreadable after {row} rows: "
-                                      f"{type(e).__name__}: {e}") from e
+                code = "unavailable" if _unavailable(e) else "corrupt"
+                problem = problems.summary()
+                also = f" (before it: {problem})" if problem else ""
+                raise ShardError(uri, f"{code}: parquet row group {rg} unreadable after {row} rows: "
+                                      f"{type(e).__name__}: {e}{also}") from e
             for data in values:
                 key = keys[row]
                 row += 1
                 if key in seen:
-                    yield Record(key, None, "duplicate_key: an earlier row in this shard has the same key")
+                    id_key = _unique_id_key(key, seen)
+                    seen.add(id_key)
+                    yield problems.add(Record(key, None, "duplicate_key: an earlier row in this shard has the same key",
+                                              id_key))
                     continue
                 seen.add(key)
                 if data is None:
                     yield Record(key, None, "no_image: null bytes")
                 else:
                     yield Record(key, data)
+    problem = problems.summary()
+    if problem:
+        raise ShardError(uri, problem)
 
 
 def _iter_folder(uri: str) -> Iterator[Record]:
@@ -466,7 +582,7 @@ def _iter_folder(uri: str) -> Iterator[Record]:
         try:
             data = fs.cat_file(f"{path.rstrip('/')}/{name}")
         except Exception as e:  # one unreadable file is one bad image, not a bad shard
-            yield Record(name, None, f"read_error: {type(e).__name__}: {e}")
+            yield Record(name, None, redact(f"read_error: {type(e).__name__}: {e}"))
             continue
         yield Record(name, data)
 

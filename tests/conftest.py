@@ -23,11 +23,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """Start moto's server mode once; yields its endpoint URL. Env is set for boto3, s3fs, pyarrow."""
-    from moto.server import ThreadedMotoServer
+    """Start moto's server mode once; yields its endpoint URL. Env is set for boto3, s3fs, pyarrow.
+
+    The server answers through `_s3faults.FaultyApp`: with no rules (the default) it is plain moto."""
+    from _s3faults import FaultyMotoServer
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = FaultyMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     env = {
@@ -60,6 +62,16 @@ def s3(s3_server):
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket="test-bucket")
     return client
+
+
+@pytest.fixture()
+def s3_faults(s3):
+    """`_s3faults.FAULTS`, empty: rules added to it make the S3 server fail matching requests (this test only)."""
+    from _s3faults import FAULTS
+
+    FAULTS.clear()
+    yield FAULTS
+    FAULTS.clear()
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _digits import png_bytes
 
 from pipeline.config import JobConfig
 from pipeline.model import load_model
@@ -17,12 +17,6 @@ from pipeline.table import list_manifests, read_table
 
 COMPARED = ["key", "status", "error", "width", "height", "label", "label_id", "score",
             "topk_labels", "topk_ids", "topk_scores", "model_digest"]
-
-
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def digit_samples():
     for i, (img, label) in enumerate(held[:60]):
         key = f"d{i:04d}"
         truth[key] = str(label)
-        shards[i % 3].append((key, {"png": _png(img), "cls": str(label).encode()}))
+        shards[i % 3].append((key, {"png": png_bytes(img), "cls": str(label).encode()}))
     shards[0].append(("broken", {"jpg": b"this is not a jpeg at all"}))
     shards[0].append(("empty", {"png": b""}))
     return shards, truth

@@ -103,7 +103,7 @@ def test_commit_layout_and_manifest(output, monkeypatch):
 
     def write_manifest_last(fs, path, data):  # at the commit point every file is already in place
         files = list_files(output)
-        assert not any(f.startswith("_manifests/") for f in files)
+        assert not any(f.startswith("_manifests/") for f in files) and "_pending/c-0001.json" in files  # intent
         assert all(f["path"] in files for f in json.loads(data)["files"])
         real_write(fs, path, data)
 
@@ -114,8 +114,9 @@ def test_commit_layout_and_manifest(output, monkeypatch):
     assert [f["path"] for f in m["files"]] == [f"{part}/part-c-0001-00000.parquet", f"{part}/part-c-0001-00001.parquet"]
     assert list_files(output) == ["_manifests/c-0001.json"] + [f["path"] for f in m["files"]]  # staging is gone
     assert sum(f["rows"] for f in m["files"]) == 9 and all(f["bytes"] > 0 for f in m["files"])
-    assert m["shards"] == {A: {"images": 4, "rows": 4, "error": None}, B: {"images": 5, "rows": 5, "error": None},
-                           C: {"images": 0, "rows": 0, "error": "shard_error: truncated tar"}}
+    assert m["shards"] == {A: {"images": 4, "rows": 4, "error": None, "done": True},
+                           B: {"images": 5, "rows": 5, "error": None, "done": True},
+                           C: {"images": 0, "rows": 0, "error": "shard_error: truncated tar", "done": True}}
     assert m["counts"] == {"images": 9, "ok": 8, "error": 1, "shards": 3, "shard_errors": 1}
     assert (m["version"], m["run_id"], m["commit_id"], m["model"], m["model_digest"], m["dt"]) == (
         1, RUN, "c-0001", MODEL, DIGEST, DT)
@@ -322,3 +323,119 @@ def test_manifest_write_is_exclusive(output, monkeypatch):
     with pytest.raises(CommitError, match="already exists"):
         sink._write_manifest(fs, path, b"{}")
     assert fs.cat(path) == before
+
+
+# ------------------------------------------------------------------------------------ crash safety, recovery
+
+
+def raw_partition_rows(output: str) -> int:
+    """Rows a plain hive-partitioned reader sees, with no manifest in the way (what DuckDB/Spark globs see)."""
+    files = [f for f in list_files(output) if f.startswith("model=")]
+    return sum(read_parquet(output, f).num_rows for f in files)
+
+
+@pytest.mark.parametrize("crash", ["after_intent", "mid_moves", "before_manifest", "after_manifest"])
+def test_driver_killed_between_commit_steps_then_recover(output, monkeypatch, crash):
+    res = [stage(output, shard(A, 2)), stage(output, shard(B, 3))]
+
+    def killed(*a, **k):
+        raise OSError("driver killed")
+
+    if crash == "after_intent":
+        monkeypatch.setattr(sink, "_apply_moves", killed)
+    elif crash == "mid_moves":
+        real = sink._apply_moves
+        monkeypatch.setattr(sink, "_apply_moves", lambda fs, root, moves: (real(fs, root, moves[:1]), killed()))
+    elif crash == "before_manifest":
+        monkeypatch.setattr(sink, "_write_manifest", killed)
+    else:
+        monkeypatch.setattr(sink, "_finish_commit", killed)
+    with pytest.raises(OSError, match="driver killed"):
+        do_commit(output, res, [A, B])
+    monkeypatch.undo()
+    assert "_pending/c-0001.json" in list_files(output)  # the intent outlives the driver
+    if crash in ("mid_moves", "before_manifest"):  # moved but not committed: only raw globs could see it
+        assert raw_partition_rows(output) > 0 and table.read_table(output).num_rows == 0
+
+    report = sink.recover(output, staging_grace_s=0)
+    assert report["completed" if crash == "after_manifest" else "rolled_forward"] == ["c-0001"]
+    [m] = table.list_manifests(output)
+    assert m["counts"]["images"] == 5 and committed_shards(output, DIGEST) == {A, B}
+    files = list_files(output)
+    assert files == ["_manifests/c-0001.json"] + [f["path"] for f in m["files"]]  # no intent, no staging
+    assert table.read_table(output).num_rows == raw_partition_rows(output) == 5
+    assert sink.recover(output, staging_grace_s=0) == {k: [] for k in report}  # idempotent
+
+
+def test_recover_rolls_back_when_staged_files_are_gone(output, monkeypatch):
+    res = [stage(output, shard(A, 2)), stage(output, shard(B, 3))]
+    real = sink._apply_moves
+
+    def one_then_killed(fs, root, moves):
+        real(fs, root, moves[:1])
+        raise OSError("driver killed")
+
+    monkeypatch.setattr(sink, "_apply_moves", one_then_killed)
+    with pytest.raises(OSError):
+        do_commit(output, res, [A, B])
+    monkeypatch.undo()
+    fs, root = fsspec.core.url_to_fs(output)
+    for f in list_files(output):
+        if f.startswith("_staging/"):
+            fs.rm(f"{root.rstrip('/')}/{f}")  # e.g. an operator cleaned staging by hand
+    report = sink.recover(output, staging_grace_s=0)
+    assert report["rolled_back"] == ["c-0001"]
+    assert list_files(output) == [] and raw_partition_rows(output) == 0
+    assert committed_shards(output, DIGEST) == set()  # both shards stay pending for the next run
+
+
+def test_recover_removes_orphan_parts_and_only_stale_staging(output):
+    do_commit(output, [stage(output, shard(A, 2))], [A], commit_id="c1")
+    leftover = stage(output, shard(B, 3))  # a killed run's staged file
+    fs, root = fsspec.core.url_to_fs(output)
+    orphan = f"model={MODEL}/dt={DT}/part-c-old-00000.parquet"  # moved by a driver that died before its manifest
+    fs.pipe_file(f"{root.rstrip('/')}/{orphan}", fs.cat_file(f"{root.rstrip('/')}/{leftover['file']}"))
+    assert raw_partition_rows(output) == 5
+
+    report = sink.recover(output)  # default grace: a fresh staging folder may belong to a live run
+    assert report["orphans_removed"] == [orphan] and report["staging_removed"] == []
+    assert leftover["file"] in list_files(output) and raw_partition_rows(output) == 2
+    assert sink.recover(output, staging_grace_s=0)["staging_removed"] == [f"_staging/{RUN}"]
+    assert not any(f.startswith("_staging/") for f in list_files(output))
+    assert table.read_table(output).num_rows == 2
+
+
+def test_unreachable_shards_are_not_done_corrupt_ones_are(output):
+    D, E = "s3://in/d.tar", "s3://in/e.tar"
+    results = [stage(output, marker(A, 0, "shard_error: missing: the shard does not exist"),
+                     marker(B, 0, "shard_error: unavailable: cannot open the shard: PermissionError: denied"),
+                     image_rows(C, 2), marker(C, 2, "shard_error: unavailable: tar unreadable after 4 members"),
+                     marker(D, 0, "shard_error: corrupt: parquet unreadable"), shard(E, 1))]
+    m = do_commit(output, results, [A, B, C, D, E])
+    assert {u: s["done"] for u, s in m["shards"].items()} == {A: False, B: False, C: True, D: True, E: True}
+    assert committed_shards(output, DIGEST) == {C, D, E}  # A and B are tried again by the next run
+    assert sink.shard_done(None, 0) and sink.shard_done("shard_error: truncated: x", 0)
+
+
+def test_credentials_never_reach_manifest_or_rows(output, monkeypatch):
+    canary = "canary-Zq8XvL2pW9"
+    monkeypatch.setenv("VITLABEL_TEST_SECRET", canary)
+    rows = image_rows(A, 2, errors=1).to_pydict()
+    rows["error"][1] = f"decode_error: OSError: s3://AKIA:{canary}@b/x failed with {canary}"
+    t = pa.Table.from_pydict(rows, schema=image_rows(A, 1).schema)
+    res = stage(output, t, marker(A, 2), marker(B, 0, f"shard_error: unavailable: https://u:{canary}@h/b.tar"))
+    m = commit(output, res, [A, B], config={"input": f"s3://key:{canary}@bucket/in", "extra": {"note": canary}})
+    assert canary not in json.dumps(m) and canary not in str(res)
+    assert m["config"] == {"input": "s3://bucket/in", "extra": {"note": "***"}}
+    assert m["shards"][B]["error"] == "shard_error: unavailable: https://h/b.tar"
+    errors = table.read_table(output).column("error").to_pylist()
+    assert canary not in json.dumps(errors) and "decode_error: OSError: s3://b/x failed with ***" in errors
+    fs, root = fsspec.core.url_to_fs(output)
+    for f in list_files(output):
+        assert canary.encode() not in fs.cat_file(f"{root.rstrip('/')}/{f}")
+
+
+def commit(output, results, expected, config):
+    res = results if isinstance(results, list) else [results]
+    return sink.commit(output=output, run_id=RUN, commit_id="c-0001", model_name=MODEL, model_digest=DIGEST, dt=DT,
+                       results=res, expected_shards=expected, config=config, stats={})

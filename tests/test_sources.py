@@ -258,7 +258,9 @@ def test_webdataset_sample_rules(tmp_path):
         ("e.png", jpg, tarfile.REGTYPE),  # key e again after another key: second sample, same key
     ])
     [shard] = list_shards(str(tmp_path))
-    got = read_all(shard)
+    got, err = read_until_error(shard)  # every record, then a shard-level summary of the bad ones
+    assert err is not None and err.code == "bad_member" and not err.retryable
+    assert "2 unsafe or link member(s)" in err.message and "1 duplicate key(s) (first: 'e')" in err.message
     assert [r.key for r in got] == ["dir/a", "b", "c", "d", "e", "noext", "e"]
     assert got[0] == Record("dir/a", jpg)
     assert got[1].data is None and got[1].error.startswith("no_image: ") and "json, cls" in got[1].error
@@ -267,6 +269,7 @@ def test_webdataset_sample_rules(tmp_path):
     assert got[4] == Record("e", png)
     assert got[5].error.startswith("no_image: ")
     assert got[6].data is None and got[6].error.startswith("duplicate_key: ")
+    assert got[6].image_id(shard.uri) != got[4].image_id(shard.uri) == make_image_id(shard.uri, "e")  # own id
     assert all(r.error is None or r.error.split(": ", 1)[0].isidentifier() for r in got)
 
 
@@ -373,8 +376,13 @@ def test_parquet_key_fallbacks(tmp_path):
     shard = Shard(f"file://{tmp_path}/two.parquet", "parquet")
     with pytest.raises(ShardError, match="image_column"):
         read_all(shard)
-    got = read_all(shard, image_column="b", key_column="name")
+    got = []
+    with pytest.raises(ShardError, match="^.*: duplicate_key: 1 duplicate key") as e:
+        for r in iter_shard(shard, image_column="b", key_column="name"):
+            got.append(r)
+    assert e.value.code == "duplicate_key" and not e.value.retryable
     assert [r.key for r in got] == ["p", "q", "p"] and got[2].error.startswith("duplicate_key: ")
+    assert len({r.image_id(shard.uri) for r in got}) == 3
     with pytest.raises(ShardError, match="key_column"):
         read_all(shard, image_column="a", key_column="nope")
 
@@ -423,3 +431,38 @@ class CountingFS(LocalFileSystem):
 
 
 fsspec.register_implementation("counting", CountingFS, clobber=True)
+
+
+def test_shard_error_codes_say_whether_a_later_run_should_retry(tmp_path, s3_faults):
+    """Unreachable shards (missing, permission, S3 errors) are retryable; broken content is not."""
+    write_webdataset(str(tmp_path / "full.tar"), [(f"{i}", {"png": image_bytes(i)}) for i in range(4)])
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        cut = tar.getmembers()[2].offset_data + 10
+    (tmp_path / "cut.tar").write_bytes(data[:cut])
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 nope")
+    pq.write_table(pa.table({"n": [1]}), tmp_path / "noimage.parquet")
+    cases = {
+        "gone.tar": ("webdataset", "missing"), "gone.parquet": ("parquet", "missing"), "gone": ("folder", "missing"),
+        "junk.tar": ("webdataset", "corrupt"), "cut.tar": ("webdataset", "truncated"),
+        "junk.parquet": ("parquet", "corrupt"), "noimage.parquet": ("parquet", "bad_schema"),
+    }
+    for name, (fmt, code) in cases.items():
+        _, err = read_until_error(Shard(f"file://{tmp_path}/{name}", fmt))
+        assert err is not None and err.code == code, (name, err)
+        assert err.retryable == (code == "missing"), name
+
+    write_webdataset(f"s3://{BUCKET}/d/denied.tar", [("a", {"png": image_bytes(0)})])
+    write_image_parquet(f"s3://{BUCKET}/d/denied.parquet", parquet_rows(2))
+    s3_faults.add(r"/denied\.", status=403, code="AccessDenied", times=None)
+    for name, fmt in (("denied.tar", "webdataset"), ("denied.parquet", "parquet")):
+        got, err = read_until_error(Shard(f"s3://{BUCKET}/d/{name}", fmt))
+        assert got == [] and err.code == "unavailable" and err.retryable, (name, err)
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(err)
+
+
+def test_shard_errors_are_redacted(monkeypatch):
+    monkeypatch.setenv("VITLABEL_TEST_SECRET", "hunter2-secret-value")
+    e = ShardError("s3://AKIA:pw@b/x.tar", "unavailable: OSError: token hunter2-secret-value rejected")
+    assert e.message == "unavailable: OSError: token *** rejected" and str(e) == f"s3://b/x.tar: {e.message}"
