@@ -84,3 +84,12 @@ def ray_local(s3_server):
                  configure_logging=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    """A table root, once on local disk and once on the (reset) S3 server: tests using it run on both."""
+    if request.param == "local":
+        return str(tmp_path / "labels")
+    request.getfixturevalue("s3")
+    return "s3://test-bucket/labels"

@@ -14,14 +14,6 @@ import pytest
 from pipeline.lease import Lease, LeaseHeld, LeaseLost, current, lease_dir, owner_dead, owner_identity
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "table")
-    request.getfixturevalue("s3")
-    return "s3://test-bucket/table"
-
-
 def _write_generation(output: str, gen: int, data: dict) -> None:
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(f"{root}/{lease_dir('nightly')}", exist_ok=True)

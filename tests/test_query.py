@@ -31,14 +31,6 @@ SHARD_A_V2 = [("a0", "cat", 0.97), ("a1", "cat", 0.60), ("a2", "bird", 0.80), ("
               ("a4", None, None, "decode_error: cannot identify image"), ("a5", "fish", 0.65)]
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "labels")
-    request.getfixturevalue("s3")
-    return "s3://test-bucket/labels"
-
-
 @pytest.fixture()
 def local_output(tmp_path):
     """The reports' numbers do not depend on the store: those tests run on local files only."""

@@ -20,14 +20,6 @@ from pipeline.sink import CommitError, LabelDatasink, committed_shards, output_s
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "labels")
-    request.getfixturevalue("s3")
-    return "s3://test-bucket/labels"
-
-
 def stage(output: str, *tables: pa.Table, embeddings: bool = False, run_id: str = RUN, staging_id=None) -> dict:
     return write_staging(tables, output=output, run_id=run_id, model_digest=DIGEST, embeddings=embeddings,
                          staging_id=staging_id)

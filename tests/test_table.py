@@ -14,14 +14,6 @@ from pipeline.sink import write_staging
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
 
 
-@pytest.fixture(params=["local", "s3"])
-def output(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "labels")
-    request.getfixturevalue("s3")
-    return "s3://test-bucket/labels"
-
-
 def stage(output, *tables, embeddings=False, run_id=RUN):
     return write_staging(tables, output=output, run_id=run_id, model_digest=DIGEST, embeddings=embeddings)
 
