@@ -429,7 +429,7 @@ def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, int]:
 
 def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Publish the manifest exclusively: never overwrite an existing commit."""
-    if _exists(fs, path) or not create_only(fs, path, data):
+    if not create_only(fs, path, data):
         raise CommitError(f"manifest {path.rsplit('/', 1)[-1]} already exists: commit already done")
 
 
