@@ -1,15 +1,17 @@
 """Shard formats: find shards under any fsspec URL and stream (key, image bytes) records out of them.
 
 Three formats, one record shape:
-- webdataset: a .tar / .tar.gz / .tgz whose members are grouped into samples by key (dirname + basename up
-  to the first dot); the sample's image is the member with an image extension. Read as a stream ('r|*'):
-  never extracted to disk, never held in memory whole.
+- webdataset: a .tar / .tar.gz / .tgz whose members are grouped into samples as WebDataset groups them: adjacent
+  members with the same key (dirname + basename up to the first dot). Every member with an image extension is one
+  record, keyed by the sample's key when it is the sample's only image and '<key>.<ext>' when the sample holds
+  several ('img.v2.0001.jpg', 'both.png'). Read as a stream: never extracted to disk, never held in memory whole.
 - parquet: one row per image, read row group by row group; the image is a binary column or a Hugging Face
   `Image` struct {bytes, path}.
 - folder: a directory that directly holds image files; each file is one record keyed by its file name.
 
-A record that cannot be an image (no image member, null bytes, a link or an unsafe member name, a duplicate
-key) is a `Record` with `error` set, never an exception: one bad image never fails a shard. A shard that cannot
+A record that cannot be an image (a sample without an image member, null bytes, a link or an unsafe member name,
+a duplicate key: a sample key that comes back, or a member name repeated within a sample) is a `Record` with
+`error` set, never an exception: one bad image never fails a shard. A shard that cannot
 be read to the end (truncated or corrupt tar, unreadable parquet, missing file) raises `ShardError`, but only
 after yielding every record read before the failure; so does a shard read to its end that held unsafe members
 or duplicate keys (a shard-level summary of those error records). `ShardError.message` starts with a code:
@@ -343,26 +345,52 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 class _Sample:
-    __slots__ = ("key", "exts", "image", "image_exact", "link", "unsafe")
+    """The members of one WebDataset sample: adjacent members with the same key, no extension twice."""
+
+    __slots__ = ("key", "exts", "images", "unsafe")
 
     def __init__(self, key: str):
         self.key = key
-        self.exts: list[str] = []
-        self.image: bytes | None = None
-        self.image_exact = False  # the image member's whole extension is an image extension ("jpg", not "seg.jpg")
-        self.link: str | None = None  # an image-named symlink/hardlink member
+        self.exts: list[str] = []  # every member's extension, in tar order
+        self.images: list[tuple[str, bytes | None, str | None]] = []  # (extension, bytes, error) per image member
         self.unsafe: str | None = None  # a member name that is absolute or climbs out with '..'
 
-    def record(self) -> Record:
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str, ext: str) -> None:
+        """Record one member; only image members are read (tarfile skips the data of the others)."""
+        self.exts.append(ext)
+        if _unsafe_name(name):
+            self.unsafe = self.unsafe or name
+        if ext.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+            return
         if self.unsafe is not None:
-            return Record(self.key, None, f"bad_member: unsafe member name {self.unsafe[:200]!r} "
-                                          "(absolute or '..' path)")
-        if self.image is not None:
-            return Record(self.key, self.image)
-        if self.link is not None:
-            return Record(self.key, None, f"bad_member: image member {self.link} is a link, not a regular file")
-        got = ", ".join(e or "''" for e in self.exts) or "nothing"
-        return Record(self.key, None, f"no_image: sample has no member with an image extension (got {got})")
+            self.images.append((ext, None, None))  # never read: the record is a bad_member error
+        elif not member.isfile():
+            self.images.append((ext, None, f"bad_member: image member {name} is a link, not a regular file"))
+        else:
+            fobj = tar.extractfile(member)
+            assert fobj is not None  # regular member
+            self.images.append((ext, fobj.read(), None))
+
+    def records(self) -> list[Record]:
+        """One record per image member, keyed '<key>.<ext>' when the sample holds more than one; a sample without
+        any image member is one error record."""
+        unsafe = None if self.unsafe is None else (f"bad_member: unsafe member name {self.unsafe[:200]!r} "
+                                                    "(absolute or '..' path)")
+        if not self.images:
+            got = ", ".join(e or "''" for e in self.exts) or "nothing"
+            return [Record(self.key, None, unsafe or f"no_image: sample has no member with an image extension "
+                                                     f"(got {got})")]
+        keys = [self.key] if len(self.images) == 1 else [f"{self.key}.{ext}" for ext, _, _ in self.images]
+        if unsafe is not None:
+            return [Record(k, None, unsafe) for k in keys]
+        return [Record(k, data, error) for k, (_, data, error) in zip(keys, self.images, strict=True)]
+
+
+def _member_name(member: tarfile.TarInfo) -> str:
+    name = member.name
+    while name.startswith("./"):
+        name = name[2:]
+    return name
 
 
 def _iter_webdataset(uri: str) -> Iterator[Record]:
@@ -381,32 +409,15 @@ def _iter_webdataset(uri: str) -> Iterator[Record]:
             tar = tarfile.open(fileobj=f, mode="r|*", bufsize=TAR_BUFSIZE, tarinfo=_TarInfo)
             for member in tar:
                 members += 1
-                name = member.name
-                while name.startswith("./"):
-                    name = name[2:]
-                key, ext = _split_member(name)
                 if not (member.isfile() or member.issym() or member.islnk()):
                     continue  # directories, devices, fifos: not part of any sample
-                if current is None or key != current.key:
+                name = _member_name(member)
+                key, ext = _split_member(name)
+                if current is None or key != current.key or ext in current.exts:  # a repeated name: a new sample
                     if current is not None:
-                        yield problems.add(_finish(current, seen))
+                        yield from _finish(current, seen, problems)
                     current = _Sample(key)
-                current.exts.append(ext)
-                if _unsafe_name(name):
-                    current.unsafe = current.unsafe or name
-                    continue
-                last = ext.rsplit(".", 1)[-1].lower()
-                if last not in IMAGE_EXTENSIONS:
-                    continue  # not read: tarfile skips its data when it advances
-                if not member.isfile():
-                    current.link = current.link or name
-                    continue
-                exact = ext.lower() in IMAGE_EXTENSIONS
-                if current.image is None or (exact and not current.image_exact):
-                    fobj = tar.extractfile(member)
-                    assert fobj is not None  # regular member
-                    current.image = fobj.read()
-                    current.image_exact = exact
+                current.add(tar, member, name, ext)
             stop = getattr(tar, "_vitlabel_stop", None)
             if isinstance(stop, tarfile.InvalidHeaderError):
                 fatal = ShardError(uri, f"corrupt: bad tar header after {members} members ({stop})")
@@ -424,7 +435,7 @@ def _iter_webdataset(uri: str) -> Iterator[Record]:
             also = f" (before it: {problem})" if problem else ""
             raise ShardError(uri, f"{code}: tar unreadable after {members} members: {e}{also}") from e
     if fatal is None and current is not None:  # the last sample is complete only if the archive ended properly
-        yield problems.add(_finish(current, seen))
+        yield from _finish(current, seen, problems)
     problem = problems.summary()
     if fatal is not None:
         raise ShardError(fatal.uri, fatal.message + (f" (before it: {problem})" if problem else ""))
@@ -432,14 +443,20 @@ def _iter_webdataset(uri: str) -> Iterator[Record]:
         raise ShardError(uri, problem)
 
 
-def _finish(sample: _Sample, seen: set[str]) -> Record:
-    """A key that comes back after other keys is a second sample with the same key: an error row with its own id."""
+def _finish(sample: _Sample, seen: set[str], problems: _Problems) -> Iterator[Record]:
+    """The sample's records. A key that comes back after other keys (or with an extension its sample already has)
+    is a second sample with the same key: error records, each with its own id."""
+    records = sample.records()
     if sample.key in seen:
-        id_key = _unique_id_key(sample.key, seen)
-        seen.add(id_key)
-        return Record(sample.key, None, "duplicate_key: an earlier sample in this shard has the same key", id_key)
+        for rec in records:
+            id_key = _unique_id_key(rec.key, seen)
+            seen.add(id_key)
+            yield problems.add(Record(rec.key, None, "duplicate_key: an earlier sample in this shard has the same key",
+                                      id_key))
+        return
     seen.add(sample.key)
-    return sample.record()
+    for rec in records:
+        yield problems.add(rec)
 
 
 def _image_column(schema: Any, requested: str) -> tuple[str, bool]:

@@ -86,10 +86,21 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+def _local_or_s3(request, tmp_path, name: str) -> str:
+    """tmp_path/<name> for the "local" param; for "s3", s3://test-bucket/<name> on the (reset) S3 server."""
+    if request.param == "local":
+        return str(tmp_path / name)
+    request.getfixturevalue("s3")
+    return f"s3://test-bucket/{name}"
+
+
 @pytest.fixture(params=["local", "s3"])
 def output(request, tmp_path):
     """A table root, once on local disk and once on the (reset) S3 server: tests using it run on both."""
-    if request.param == "local":
-        return str(tmp_path / "labels")
-    request.getfixturevalue("s3")
-    return "s3://test-bucket/labels"
+    return _local_or_s3(request, tmp_path, "labels")
+
+
+@pytest.fixture(params=["local", "s3"])
+def input_root(request, tmp_path):
+    """A folder for input shards, once on local disk and once on the (reset) S3 server."""
+    return _local_or_s3(request, tmp_path, "in")

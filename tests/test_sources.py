@@ -14,6 +14,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _libshards import wds_write
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
@@ -247,7 +248,7 @@ def test_webdataset_sample_rules(tmp_path):
     raw_tar(tmp_path / "s.tar", [
         ("./dir/", None, tarfile.DIRTYPE),  # skipped
         ("./dir/a.seg.png", png, tarfile.REGTYPE),  # "./" stripped; image by last extension
-        ("./dir/a.JPG", jpg, tarfile.REGTYPE),  # a whole-extension image wins over seg.png
+        ("./dir/a.JPG", jpg, tarfile.REGTYPE),  # a second image member: each is a record, keyed <key>.<ext>
         ("b.json", b"{}", tarfile.REGTYPE),  # no image member
         ("b.cls", b"1", tarfile.REGTYPE),
         ("c.png", None, tarfile.SYMTYPE),  # link as image: error, never followed
@@ -261,8 +262,9 @@ def test_webdataset_sample_rules(tmp_path):
     got, err = read_until_error(shard)  # every record, then a shard-level summary of the bad ones
     assert err is not None and err.code == "bad_member" and not err.retryable
     assert "2 unsafe or link member(s)" in err.message and "1 duplicate key(s) (first: 'e')" in err.message
-    assert [r.key for r in got] == ["dir/a", "b", "c", "d", "e", "noext", "e"]
-    assert got[0] == Record("dir/a", jpg)
+    assert [r.key for r in got] == ["dir/a.seg.png", "dir/a.JPG", "b", "c", "d", "e", "noext", "e"]
+    assert got[:2] == [Record("dir/a.seg.png", png), Record("dir/a.JPG", jpg)]
+    got = got[1:]
     assert got[1].data is None and got[1].error.startswith("no_image: ") and "json, cls" in got[1].error
     assert got[2].data is None and got[2].error.startswith("bad_member: ")
     assert got[3].data is None and got[3].error.startswith("bad_member: ")
@@ -271,6 +273,30 @@ def test_webdataset_sample_rules(tmp_path):
     assert got[6].data is None and got[6].error.startswith("duplicate_key: ")
     assert got[6].image_id(shard.uri) != got[4].image_id(shard.uri) == make_image_id(shard.uri, "e")  # own id
     assert all(r.error is None or r.error.split(": ", 1)[0].isidentifier() for r in got)
+
+
+def test_webdataset_samples_with_several_images_give_a_record_per_image(input_root):
+    """WebDataset groups members by the basename up to its first dot: every image member is one record."""
+    img = [image_bytes(i, fmt) for i, fmt in enumerate(["JPEG", "PNG", "WEBP", "JPEG", "PNG"] * 2)]
+    wds_write(f"{input_root}/multi.tar", [
+        {"__key__": "img", "v2.0001.jpg": img[0], "v2.0002.png": img[1], "v2.0003.webp": img[2], "json": b"{}"},
+        {"__key__": "both", "jpg": img[3], "png": img[4], "cls": b"3"},
+        {"__key__": "dupB", "jpg": img[5]},
+        {"__key__": "dupB", "webp": img[6]},  # the same key again, next to it: one sample with two images
+        {"__key__": "dupC", "jpg": img[7]},
+        {"__key__": "dupC", "jpg": img[8]},  # the same member name twice (webdataset's reader refuses the tar)
+        {"__key__": "one", "png": img[9]},
+    ])
+    [shard] = list_shards(input_root)
+    got, err = read_until_error(shard)
+    assert [(r.key, r.data, r.error) for r in got[:-3]] == [
+        ("img.v2.0001.jpg", img[0], None), ("img.v2.0002.png", img[1], None), ("img.v2.0003.webp", img[2], None),
+        ("both.jpg", img[3], None), ("both.png", img[4], None), ("dupB.jpg", img[5], None),
+        ("dupB.webp", img[6], None)]
+    assert got[-3] == Record("dupC", img[7]) and got[-1] == Record("one", img[9])
+    assert got[-2].key == "dupC" and got[-2].data is None and got[-2].error.startswith("duplicate_key: ")
+    assert len({r.image_id(shard.uri) for r in got}) == len(got) == 10  # every image member, each its own id
+    assert err is not None and err.code == "duplicate_key" and "1 duplicate key(s) (first: 'dupC')" in err.message
 
 
 def test_truncated_tar_yields_leading_samples_then_raises(tmp_path):
