@@ -12,7 +12,10 @@ Commit protocol (a Parquet file is part of the table only when a committed manif
    writes the whole manifest as an intent `OUTPUT/_pending/<commit_id>.json` (write-ahead), moves
    the staged files to `OUTPUT/model=<name>/dt=<dt>/part-<commit_id>-<n:05d>.parquet`, writes
    `OUTPUT/_manifests/<commit_id>.json` LAST and exclusively (the commit point), then deletes the intent and
-   the staging folders of this commit (the files of failed attempts included).
+   the staging folders of this commit (the files of failed attempts included). A shard whose marker says its
+   compressed data failed its integrity check (`config.INTEGRITY_FAILED`: known only at the end of the
+   stream, after its rows went by) has all its rows rewritten first, as `corrupt_shard` error rows: the staged
+   files holding them are copied with those rows changed, and the copies are what the commit publishes.
 4. `recover` (driver, at the start of every run, before listing) finishes what a killed driver left: an
    intent whose files are all still there (staged or moved) is rolled forward (moves finished, manifest
    written); otherwise rolled back (moved files deleted, its shards stay pending). Part files that no
@@ -50,7 +53,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from pipeline.config import RETRYABLE_SHARD_CODES, redact, redact_obj
+from pipeline.config import INTEGRITY_FAILED, RETRYABLE_SHARD_CODES, UNTRUSTED_ROW_CODE, redact, redact_obj
 from pipeline.storage import create_only
 
 logger = logging.getLogger(__name__)
@@ -494,6 +497,10 @@ def commit(
         more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
         raise CommitError(f"commit {commit_id!r} refused, {len(problems)} shard(s) not exactly covered: "
                           + "; ".join(shown) + more, shards=list(problems))
+    untrusted = _untrusted_shards(markers)
+    if untrusted:  # rows streamed before their shard failed its integrity check: error rows, never labels
+        results = [_distrust(fs, root, r, untrusted) for r in results]
+        files, shard_rows, markers, status, _ = _merge_results(results, staging_id)
 
     # Plan the moves. Sorted so a resumed commit maps each file to the same name. Two listings instead of
     # a HEAD per file; a file already at its destination was moved by an earlier attempt of this same
@@ -551,6 +558,49 @@ def commit(
                 sum(f["rows"] for f in manifest_files), len(shards))
     _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs if cleanup else ())
     return manifest
+
+
+# An untrusted row keeps its ids and source, and reads as any other error row: no label, no size.
+_UNTRUSTED_VALUES = {"status": "error", "width": -1, "height": -1, "label": None, "label_id": -1, "score": None,
+                     "topk_labels": [], "topk_ids": [], "topk_scores": [], "embedding": None}
+
+
+def _untrusted_shards(markers: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """{shard: row error} for shards whose compressed data failed its integrity check once read to the end."""
+    out = {}
+    for src, m in markers.items():
+        reason = (m["error"] or "").removeprefix("shard_error: ")
+        if reason.startswith(INTEGRITY_FAILED):
+            out[src] = f"{UNTRUSTED_ROW_CODE}: {reason.removeprefix('corrupt: ')}"
+    return out
+
+
+def _distrust(fs: fsspec.AbstractFileSystem, root: str, result: dict[str, Any], untrusted: dict[str, str]
+              ) -> dict[str, Any]:
+    """The write result, with its staged file replaced by a copy in which the rows of `untrusted` shards are
+    error rows. The copy is named after the file, which stays: committing again writes the same copy."""
+    if not result.get("file") or not untrusted.keys() & result.get("shard_rows", {}).keys():
+        return result
+    rel = result["file"].removesuffix(".parquet") + ".untrusted.parquet"
+    with fs.open(f"{root}/{result['file']}", "rb") as f:
+        table = pq.read_table(f)
+    reasons = pa.array([untrusted.get(s) for s in table.column("source").to_pylist()], pa.string())
+    bad = pc.is_valid(reasons)
+    columns = []
+    for field in table.schema:
+        col = table.column(field.name).combine_chunks()
+        if field.name == "error":
+            col = pc.if_else(bad, reasons, col)
+        elif field.name in _UNTRUSTED_VALUES:
+            col = pc.if_else(bad, pa.scalar(_UNTRUSTED_VALUES[field.name], field.type), col)
+        columns.append(col)
+    table = pa.Table.from_arrays(columns, schema=table.schema)
+    with fs.open(f"{root}/{rel}", "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        size = f.tell()
+    counts = {row["values"]: row["counts"] for row in pc.value_counts(table.column("status")).to_pylist()}
+    return {**result, "file": rel, "bytes": size, "status_counts": {"ok": counts.get("ok", 0),
+                                                                     "error": counts.get("error", 0)}}
 
 
 def shard_done(error: str | None, rows: int) -> bool:

@@ -5,8 +5,10 @@ Three formats, one record shape:
   members with the same key (dirname + basename up to the first dot). Every member with an image extension is one
   record, keyed by the sample's key when it is the sample's only image and '<key>.<ext>' when the sample holds
   several ('img.v2.0001.jpg', 'both.png'). Read as a stream: never extracted to disk, never held in memory whole.
-- parquet: one row per image, read row group by row group; the image is a binary column or a Hugging Face
-  `Image` struct {bytes, path}.
+  A compressed tar (gzip, bz2 or xz, by its magic bytes) is read to the end of the compressed stream, past the
+  tar's end marker, so that its integrity check (gzip's CRC-32 and length) runs.
+- parquet: one row per image, read row group by row group (page CRCs verified where the file has them); the image
+  is a binary column or a Hugging Face `Image` struct {bytes, path}.
 - folder: a directory that directly holds image files; each file is one record keyed by its file name.
 
 A record that cannot be an image (a sample without an image member, null bytes, a link or an unsafe member name,
@@ -14,7 +16,9 @@ a duplicate key: a sample key that comes back, or a member name repeated within 
 `error` set, never an exception: one bad image never fails a shard. A shard that cannot
 be read to the end (truncated or corrupt tar, unreadable parquet, missing file) raises `ShardError`, but only
 after yielding every record read before the failure; so does a shard read to its end that held unsafe members
-or duplicate keys (a shard-level summary of those error records). `ShardError.message` starts with a code:
+or duplicate keys (a shard-level summary of those error records), and a compressed shard whose integrity check
+fails at its end: its message starts with `config.INTEGRITY_FAILED`, and none of its records can be trusted (the
+commit turns their rows into error rows). `ShardError.message` starts with a code:
 
     missing, unavailable                      the shard could not be reached: worth retrying in a later run
     truncated, corrupt, bad_schema,           the shard's content is broken: retrying gives the same answer
@@ -28,25 +32,34 @@ This module reads and writes bytes; it does not decode images and does not impor
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import errno
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import posixpath
 import re
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import IMAGE_EXTENSIONS, INPUT_FORMATS, RETRYABLE_SHARD_CODES, redact
+from pipeline.config import (
+    IMAGE_EXTENSIONS,
+    INPUT_FORMATS,
+    INTEGRITY_FAILED,
+    RETRYABLE_SHARD_CODES,
+    UNTRUSTED_ROW_CODE,
+    redact,
+)
 
 WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -393,70 +406,143 @@ def _member_name(member: tarfile.TarInfo) -> str:
     return name
 
 
+class _Decompressed:
+    """A compressed shard's bytes, decompressed as a stream. Its integrity check (gzip's CRC-32 and length, bz2's
+    block CRCs, xz's check) fails only once the stream is read to its end, after the tar's end marker: `drain` reads
+    that far. `error` keeps the decompressor's first failure, which tarfile wraps or reports as a quiet end."""
+
+    def __init__(self, kind: str, stream: Any):
+        self.kind = kind
+        self._stream = stream
+        self.error: Exception | None = None
+
+    def read(self, n: int = -1) -> bytes:
+        """At most n bytes, as soon as there are some: a stream cut short still gives what precedes the cut."""
+        try:
+            return self._stream.read1(n)
+        except Exception as e:
+            self.error = self.error or e
+            raise
+
+    def drain(self) -> None:
+        while self.read(TAR_BUFSIZE):
+            pass
+
+
+_COMPRESSIONS: tuple[tuple[bytes, str, Any], ...] = (
+    (b"\x1f\x8b", "gzip", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    (b"BZh", "bz2", lambda f: bz2.BZ2File(f, "rb")),
+    (b"\xfd7zXZ\x00", "xz", lambda f: lzma.LZMAFile(f, "rb")),
+)
+
+
+def _decompressed(f: Any) -> _Decompressed | None:
+    """The decompressing stream of a gzip, bz2 or xz shard (by its magic bytes); None for a plain tar."""
+    head = f.read(6)
+    f.seek(0)
+    for magic, kind, opener in _COMPRESSIONS:
+        if head.startswith(magic):
+            return _Decompressed(kind, opener(f))
+    return None
+
+
+class _TarReader:
+    """One WebDataset tar (plain, gzip, bz2 or xz) as records, then the shard's error, if any, as ShardError."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.seen: set[str] = set()
+        self.problems = _Problems()
+        self.members = 0
+        self.stream: _Decompressed | None = None
+
+    def records(self, f: Any) -> Iterator[Record]:
+        try:
+            self.stream = _decompressed(f)
+            tar = tarfile.open(fileobj=self.stream or f, mode="r|", bufsize=TAR_BUFSIZE, tarinfo=_TarInfo)
+            last = yield from self._all_but_last(tar)
+            stop = self._stop(tar)
+            if stop is None and last is not None:  # the last sample is complete only if the archive ended properly
+                yield from self._finish(last)
+            if self.stream is not None:
+                self.stream.drain()
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+            raise ShardError(self.uri, self._with_problems(self._error(e))) from e
+        if stop is not None:
+            raise ShardError(self.uri, self._with_problems(stop))
+        problem = self.problems.summary()
+        if problem:
+            raise ShardError(self.uri, problem)
+
+    def _all_but_last(self, tar: tarfile.TarFile) -> Generator[Record, None, _Sample | None]:
+        """Records of every sample but the last, which is returned."""
+        current: _Sample | None = None
+        for member in tar:
+            self.members += 1
+            if not (member.isfile() or member.issym() or member.islnk()):
+                continue  # directories, devices, fifos: not part of any sample
+            name = _member_name(member)
+            key, ext = _split_member(name)
+            if current is None or key != current.key or ext in current.exts:  # a repeated name: a new sample
+                if current is not None:
+                    yield from self._finish(current)
+                current = _Sample(key)
+            current.add(tar, member, name, ext)
+        return current
+
+    def _finish(self, sample: _Sample) -> Iterator[Record]:
+        """The sample's records. A key that comes back after other keys (or with an extension its sample already
+        has) is a second sample with the same key: error records, each with its own id."""
+        records = sample.records()
+        if sample.key in self.seen:
+            for rec in records:
+                id_key = _unique_id_key(rec.key, self.seen)
+                self.seen.add(id_key)
+                yield self.problems.add(Record(rec.key, None, "duplicate_key: an earlier sample in this shard has "
+                                                              "the same key", id_key))
+            return
+        self.seen.add(sample.key)
+        for rec in records:
+            yield self.problems.add(rec)
+
+    def _stop(self, tar: tarfile.TarFile) -> str | None:
+        """Why the member loop ended, unless at the end-of-archive marker: tarfile ends quietly on a bad header."""
+        stop = getattr(tar, "_vitlabel_stop", None)
+        if isinstance(stop, tarfile.InvalidHeaderError):  # a bad header checksum among them
+            return f"corrupt: bad tar header after {self.members} members ({stop})"
+        if not isinstance(stop, tarfile.EOFHeaderError):  # empty or short header: the file just stops
+            return f"truncated: tar ends after {self.members} members without an end-of-archive marker"
+        return None
+
+    def _error(self, e: Exception) -> str:
+        """The shard error for a failure while reading; a failure of the decompressor explains any that follows."""
+        cause = e if self.stream is None or self.stream.error is None else self.stream.error
+        where = f"after {self.members} members: {cause}"
+        if isinstance(cause, EOFError) or "unexpected end" in str(cause):
+            return f"truncated: tar unreadable {where}"
+        if _unavailable(cause):
+            return f"unavailable: tar unreadable {where}"
+        if self.stream is not None and cause is self.stream.error:
+            return (f"{INTEGRITY_FAILED}: the {self.stream.kind} data is damaged ({type(cause).__name__}: {cause}), "
+                    f"found after {self.members} members: every image read from it is a {UNTRUSTED_ROW_CODE} "
+                    "error row")
+        if isinstance(cause, (tarfile.TarError, zlib.error)):
+            return f"corrupt: tar unreadable {where}"
+        return f"read_error: tar unreadable {where}"
+
+    def _with_problems(self, message: str) -> str:
+        problem = self.problems.summary()
+        return message + (f" (before it: {problem})" if problem else "")
+
+
 def _iter_webdataset(uri: str) -> Iterator[Record]:
     fs, path = _url_to_fs(uri)
     try:
         f = fs.open(path, "rb", block_size=READ_BLOCK_SIZE, cache_type="readahead")
     except Exception as e:
         raise _open_error(uri, e) from e
-    seen: set[str] = set()
-    problems = _Problems()
-    current: _Sample | None = None
-    members = 0
-    fatal: ShardError | None = None
     with f:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r|*", bufsize=TAR_BUFSIZE, tarinfo=_TarInfo)
-            for member in tar:
-                members += 1
-                if not (member.isfile() or member.issym() or member.islnk()):
-                    continue  # directories, devices, fifos: not part of any sample
-                name = _member_name(member)
-                key, ext = _split_member(name)
-                if current is None or key != current.key or ext in current.exts:  # a repeated name: a new sample
-                    if current is not None:
-                        yield from _finish(current, seen, problems)
-                    current = _Sample(key)
-                current.add(tar, member, name, ext)
-            stop = getattr(tar, "_vitlabel_stop", None)
-            if isinstance(stop, tarfile.InvalidHeaderError):
-                fatal = ShardError(uri, f"corrupt: bad tar header after {members} members ({stop})")
-            elif not isinstance(stop, tarfile.EOFHeaderError):  # empty or short header: the file just stops
-                fatal = ShardError(uri, f"truncated: tar ends after {members} members without an end-of-archive "
-                                        "marker")
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            if isinstance(e, EOFError) or "unexpected end" in str(e):
-                code = "truncated"
-            elif isinstance(e, (tarfile.TarError, zlib.error, gzip.BadGzipFile)):
-                code = "corrupt"
-            else:
-                code = "unavailable" if _unavailable(e) else "read_error"
-            problem = problems.summary()
-            also = f" (before it: {problem})" if problem else ""
-            raise ShardError(uri, f"{code}: tar unreadable after {members} members: {e}{also}") from e
-    if fatal is None and current is not None:  # the last sample is complete only if the archive ended properly
-        yield from _finish(current, seen, problems)
-    problem = problems.summary()
-    if fatal is not None:
-        raise ShardError(fatal.uri, fatal.message + (f" (before it: {problem})" if problem else ""))
-    if problem:
-        raise ShardError(uri, problem)
-
-
-def _finish(sample: _Sample, seen: set[str], problems: _Problems) -> Iterator[Record]:
-    """The sample's records. A key that comes back after other keys (or with an extension its sample already has)
-    is a second sample with the same key: error records, each with its own id."""
-    records = sample.records()
-    if sample.key in seen:
-        for rec in records:
-            id_key = _unique_id_key(rec.key, seen)
-            seen.add(id_key)
-            yield problems.add(Record(rec.key, None, "duplicate_key: an earlier sample in this shard has the same key",
-                                      id_key))
-        return
-    seen.add(sample.key)
-    for rec in records:
-        yield problems.add(rec)
+        yield from _TarReader(uri).records(f)
 
 
 def _image_column(schema: Any, requested: str) -> tuple[str, bool]:
@@ -539,15 +625,15 @@ def _iter_parquet(uri: str, image_column: str, key_column: str) -> Iterator[Reco
         raise _open_error(uri, e) from e
     with f:
         try:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, page_checksum_verification=True)  # CRCs of the pages that carry one
         except Exception as e:  # not parquet, or I/O: the whole shard is unusable
             code = "unavailable" if _unavailable(e) else "corrupt"
             raise ShardError(uri, f"{code}: parquet unreadable: {type(e).__name__}: {e}") from e
         try:
             image_col, is_struct = _image_column(pf.schema_arrow, image_column)
             keys = _parquet_keys(pf, image_col, is_struct, key_column)
-        except Exception as e:  # wrong or missing columns (or I/O reading the key column)
-            code = "unavailable" if _unavailable(e) else "bad_schema"
+        except Exception as e:  # wrong or missing columns, or reading the key column failed (I/O, a page CRC)
+            code = "unavailable" if _unavailable(e) else "corrupt" if isinstance(e, OSError) else "bad_schema"
             raise ShardError(uri, f"{code}: parquet unreadable: {type(e).__name__}: {e}") from e
         seen: set[str] = set()
         problems = _Problems()

@@ -15,6 +15,7 @@ import pytest
 from _sinkrows import DIGEST, DT, MODEL, RUN, do_commit, image_rows, list_files, marker, shard
 
 from pipeline import sink, table
+from pipeline.config import INTEGRITY_FAILED, UNTRUSTED_ROW_CODE
 from pipeline.sink import CommitError, LabelDatasink, committed_shards, output_schema, write_staging
 
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
@@ -407,6 +408,34 @@ def test_unreachable_shards_are_not_done_corrupt_ones_are(output):
     assert {u: s["done"] for u, s in m["shards"].items()} == {A: False, B: False, C: True, D: True, E: True}
     assert committed_shards(output, DIGEST) == {C, D, E}  # A and B are tried again by the next run
     assert sink.shard_done(None, 0) and sink.shard_done("shard_error: truncated: x", 0)
+
+
+def test_rows_of_a_shard_that_failed_its_integrity_check_become_error_rows(output, monkeypatch):
+    """A gzip shard's CRC is checked at its end, after its rows went by: the commit turns them into error rows."""
+    failed = f"shard_error: {INTEGRITY_FAILED}: the gzip data is damaged (BadGzipFile: CRC check failed)"
+    results = [stage(output, image_rows(A, 2), image_rows(B, 3, errors=1)),
+               stage(output, image_rows(B, 1, start=3), marker(B, 4, failed), shard(C, 1), marker(A, 2))]
+
+    def crash(*a, **k):
+        raise OSError("driver died")
+
+    monkeypatch.setattr(sink, "_write_manifest", crash)
+    with pytest.raises(OSError, match="driver died"):
+        do_commit(output, results, [A, B, C])
+    monkeypatch.undo()
+    m = do_commit(output, results, [A, B, C])  # the same commit again: rewrites the same copies, then commits
+    assert m["counts"] == {"images": 7, "ok": 3, "error": 4, "shards": 3, "shard_errors": 1}
+    assert m["shards"][B] == {"images": 4, "rows": 4, "error": failed, "done": True}
+    rows = table.read_table(output).to_pylist()
+    assert len(rows) == 7 and all(r["status"] == "ok" for r in rows if r["source"] != B)
+    untrusted = [r for r in rows if r["source"] == B]
+    assert len(untrusted) == 4
+    for r in untrusted:
+        assert r["error"] == (f"{UNTRUSTED_ROW_CODE}: integrity check failed: the gzip data is damaged "
+                              "(BadGzipFile: CRC check failed)")
+        assert (r["status"], r["label"], r["label_id"], r["score"], r["topk_ids"], r["width"]) == \
+               ("error", None, -1, None, [], -1)
+    assert not [f for f in list_files(output) if f.startswith("_staging/")]
 
 
 def test_credentials_never_reach_manifest_or_rows(output, monkeypatch):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import inspect
 import io
+import lzma
 import os
 import pickle
+import random
 import tarfile
 from functools import cache
 from pathlib import Path
@@ -19,6 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from pipeline import sources
+from pipeline.config import INTEGRITY_FAILED, UNTRUSTED_ROW_CODE
 from pipeline.sources import (
     Record,
     Shard,
@@ -329,6 +334,88 @@ def test_truncated_tar_yields_leading_samples_then_raises(tmp_path):
     got, err = read_until_error(Shard(f"file://{tmp_path}/cut.tar.gz", "webdataset"))
     assert isinstance(err, ShardError) and err.message.startswith("truncated: ") and 0 < len(got) < 6
     assert [r.key for r in got] == [k for k, _ in samples[: len(got)]]
+
+
+def noise_samples(n: int = 6, size: int = 3000) -> list[tuple[str, dict[str, bytes]]]:
+    """Incompressible members (gzip stores them as they are), the same in every run."""
+    rng = random.Random(9)
+    return [(f"{i:03d}", {"png": rng.randbytes(size), "cls": b"1"}) for i in range(n)]
+
+
+COMPRESS = {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}
+
+
+@pytest.mark.parametrize("kind", list(COMPRESS))
+def test_compressed_shards_are_read_to_their_end_and_checked(tmp_path, kind):
+    """gzip's CRC (bz2's, xz's checks) comes after the tar's end marker: a shard whose check fails is corrupt, with
+    the integrity reason that makes the commit turn its rows into error rows, even when every member decoded."""
+    samples = noise_samples(size=64 * 1024)  # whole deflate blocks of noise: stored
+    write_webdataset(str(tmp_path / "plain.tar"), samples)
+    packed = COMPRESS[kind]((tmp_path / "plain.tar").read_bytes())
+    want = [Record(k, m["png"]) for k, m in samples]
+
+    (tmp_path / "good.tar").write_bytes(packed)
+    assert read_until_error(Shard(f"file://{tmp_path}/good.tar", "webdataset")) == (want, None)
+
+    damaged = {"middle": bytearray(packed)}
+    damaged["middle"][len(packed) // 2] ^= 0x55
+    if kind == "gzip":  # a byte of a stored member, and the CRC itself: both decode without an error
+        at = packed.index(samples[3][1]["png"][30000:30064]) + 10
+        damaged["member"] = bytearray(packed)
+        damaged["member"][at] ^= 0x55
+        damaged["crc"] = bytearray(packed)
+        damaged["crc"][-8] ^= 0x55
+    for name, data in damaged.items():
+        (tmp_path / f"{name}.tar").write_bytes(data)
+        got, err = read_until_error(Shard(f"file://{tmp_path}/{name}.tar", "webdataset"))
+        assert err is not None and err.code == "corrupt" and err.message.startswith(INTEGRITY_FAILED), (name, err)
+        assert kind in err.message and UNTRUSTED_ROW_CODE in err.message
+        assert [r.key for r in got] == [k for k, _ in samples[: len(got)]]
+        if name != "middle":
+            assert len(got) == 6 and (got == want) == (name == "crc")  # the member's damage went unseen
+
+
+def test_tar_header_checksums_are_checked(tmp_path):
+    """tarfile checks each header's checksum; a bad one ends the read as `corrupt`, also inside an intact gzip."""
+    samples = noise_samples()
+    write_webdataset(str(tmp_path / "full.tar"), samples)
+    data = bytearray((tmp_path / "full.tar").read_bytes())
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        at = next(m.offset for m in tar.getmembers() if m.name == "004.png")
+    data[at + 2] ^= 0x01  # one bit of the member's name: its header no longer matches its checksum
+    (tmp_path / "bad.tar").write_bytes(data)
+    (tmp_path / "bad.tar.gz").write_bytes(gzip.compress(bytes(data)))
+    for name in ("bad.tar", "bad.tar.gz"):
+        got, err = read_until_error(Shard(f"file://{tmp_path}/{name}", "webdataset"))
+        assert err is not None and err.message.startswith("corrupt: bad tar header after 8 members (bad checksum"), err
+        assert [r.key for r in got] == ["000", "001", "002"] and all(r.error is None for r in got)
+
+
+def test_parquet_page_checksums_are_verified(tmp_path):
+    """A page whose CRC does not match ends the read as `corrupt`; without page CRCs the damage goes unseen."""
+    rows = [(f"k{i}", image_bytes(i)) for i in range(8)]
+    for checksums in (True, False):
+        table = pa.table({"key": [k for k, _ in rows], "image": [b for _, b in rows]})
+        path = tmp_path / f"crc-{checksums}.parquet"
+        pq.write_table(table, path, row_group_size=2, write_page_checksum=checksums, compression="none",
+                       use_dictionary=False)
+        chunk = pq.ParquetFile(path).metadata.row_group(2).column(1)
+        data = bytearray(path.read_bytes())
+        data[chunk.data_page_offset + chunk.total_compressed_size - 30] ^= 0x55  # inside the last image's bytes
+        path.write_bytes(data)
+        got, err = read_until_error(Shard(f"file://{path}", "parquet"))
+        if checksums:
+            assert [r.key for r in got] == ["k0", "k1", "k2", "k3"] and all(r.data for r in got)
+            assert err is not None and err.message.startswith("corrupt: parquet row group 2 unreadable after 4 rows")
+            assert "CRC" in err.message
+        else:
+            assert err is None and len(got) == 8 and got[5].data != rows[5][1]
+    key_chunk = pq.ParquetFile(tmp_path / "crc-True.parquet").metadata.row_group(1).column(0)
+    data = bytearray((tmp_path / "crc-True.parquet").read_bytes())
+    data[key_chunk.data_page_offset + key_chunk.total_compressed_size - 2] ^= 0x55  # a key: read before any image
+    (tmp_path / "crc-True.parquet").write_bytes(data)
+    got, err = read_until_error(Shard(f"file://{tmp_path}/crc-True.parquet", "parquet"))
+    assert got == [] and err is not None and err.code == "corrupt" and "CRC" in err.message
 
 
 def test_unreadable_shards_raise_shard_error(tmp_path):
