@@ -8,7 +8,8 @@ Three formats, one record shape:
   A compressed tar (gzip, bz2 or xz, by its magic bytes) is read to the end of the compressed stream, past the
   tar's end marker, so that its integrity check (gzip's CRC-32 and length) runs.
 - parquet: one row per image, read row group by row group (page CRCs verified where the file has them); the image
-  is a binary column or a Hugging Face `Image` struct {bytes, path}.
+  is a binary column or a Hugging Face `Image` struct {bytes, path}. A struct with null bytes is read from its
+  path, as `datasets` reads it (`_image_path_url`): one that cannot be read is a `read_error` record naming it.
 - folder: a directory that directly holds image files; each file is one record keyed by its file name.
 
 A record that cannot be an image (a sample without an image member, null bytes, a link or an unsafe member name,
@@ -24,7 +25,8 @@ commit turns their rows into error rows). `ShardError.message` starts with a cod
     truncated, corrupt, bad_schema,           the shard's content is broken: retrying gives the same answer
     bad_member, duplicate_key, read_error
 
-Keys are data, never paths: nothing is extracted, and member names are only compared and hashed.
+Keys are data, never paths: nothing is extracted, and member names are only compared and hashed. The one path
+a shard names that is opened is a Hugging Face image's `path` when its bytes are null: read, never written.
 Credentials come from the environment only and never appear in messages (`config.redact`).
 
 This module reads and writes bytes; it does not decode images and does not import ray or other stages.
@@ -640,18 +642,15 @@ def _iter_parquet(uri: str, image_column: str, key_column: str) -> Iterator[Reco
         row = 0
         for rg in range(pf.metadata.num_row_groups):
             try:
-                column = pf.read_row_group(rg, columns=[image_col]).column(0).combine_chunks()
-                values = (column.field("bytes") if is_struct else column).to_pylist()
-                if is_struct:  # a null struct means no image, whatever its bytes field says
-                    valid = column.is_valid().to_pylist()
-                    values = [v if ok else None for v, ok in zip(values, valid, strict=True)]
+                values, paths = _row_group_images(pf, rg, image_col, is_struct)
             except Exception as e:
                 code = "unavailable" if _unavailable(e) else "corrupt"
                 problem = problems.summary()
                 also = f" (before it: {problem})" if problem else ""
                 raise ShardError(uri, f"{code}: parquet row group {rg} unreadable after {row} rows: "
                                       f"{type(e).__name__}: {e}{also}") from e
-            for data in values:
+            fetched = _read_image_paths(uri, [p for v, p in zip(values, paths, strict=True) if v is None and p])
+            for data, path in zip(values, paths, strict=True):
                 key = keys[row]
                 row += 1
                 if key in seen:
@@ -661,13 +660,72 @@ def _iter_parquet(uri: str, image_column: str, key_column: str) -> Iterator[Reco
                                               id_key))
                     continue
                 seen.add(key)
-                if data is None:
-                    yield Record(key, None, "no_image: null bytes")
-                else:
-                    yield Record(key, data)
+                yield _parquet_record(key, data, path, fetched)
     problem = problems.summary()
     if problem:
         raise ShardError(uri, problem)
+
+
+def _row_group_images(pf: Any, rg: int, image_col: str, is_struct: bool) -> tuple[list, list]:
+    """(image bytes or None, path or None) per row of one row group. A null struct has neither."""
+    column = pf.read_row_group(rg, columns=[image_col]).column(0).combine_chunks()
+    if not is_struct:
+        values = column.to_pylist()
+        return values, [None] * len(values)
+    valid = column.is_valid().to_pylist()
+    values = [v if ok else None for v, ok in zip(column.field("bytes").to_pylist(), valid, strict=True)]
+    if column.type.get_field_index("path") < 0:
+        return values, [None] * len(values)
+    paths = [p if ok else None for p, ok in zip(column.field("path").to_pylist(), valid, strict=True)]
+    return values, paths
+
+
+def _parquet_record(key: str, data: bytes | None, path: str | None, fetched: dict[str, bytes | str]) -> Record:
+    """The record of one row: its bytes, else the bytes read from its path, else an error that says why not."""
+    if data is not None:
+        return Record(key, data)
+    if not path:
+        return Record(key, None, "no_image: null bytes")
+    got = fetched[path]
+    if isinstance(got, bytes):
+        return Record(key, got)
+    return Record(key, None, redact(f"read_error: cannot read image path {path[:300]!r}: {got}"))
+
+
+def _image_path_url(shard_uri: str, path: str) -> str:
+    """Where a Hugging Face `{bytes: null, path}` image is, as `datasets` reads it: a URL or an absolute path as it
+    is (through fsspec), a relative path against the directory of the Parquet file. Chained URLs are refused."""
+    if "::" in path:
+        raise ValueError(f"path: expected a URL or a file path, got a chained URL {path!r}")
+    if "://" in path or path.startswith("/"):
+        return path
+    protocol, parent = fsspec.core.split_protocol(shard_uri.rsplit("/", 1)[0])
+    joined = posixpath.normpath(posixpath.join(parent, path))
+    return f"{protocol}://{joined}" if protocol else joined
+
+
+def _read_image_paths(shard_uri: str, paths: list[str]) -> dict[str, bytes | str]:
+    """{path: its bytes, or why they cannot be read}. One batched read per filesystem (s3fs: concurrent GETs)."""
+    out: dict[str, bytes | str] = {}
+    by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[str, str]]]] = {}
+    for p in dict.fromkeys(paths):
+        try:
+            fs, fs_path = _url_to_fs(_image_path_url(shard_uri, p))
+        except Exception as e:  # an unknown protocol, a chained URL
+            out[p] = f"{type(e).__name__}: {e}"
+            continue
+        by_fs.setdefault(id(fs), (fs, []))[1].append((p, fs_path))
+    for fs, items in by_fs.values():
+        got = fs.cat_ranges([fs_path for _, fs_path in items], None, None, on_error="return")
+        for (p, _), data in zip(items, got, strict=True):
+            out[p] = data if isinstance(data, bytes) else _path_error(data)
+    return out
+
+
+def _path_error(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    return f"{type(e).__name__}: {e}"
 
 
 def _iter_folder(uri: str) -> Iterator[Record]:

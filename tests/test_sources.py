@@ -18,7 +18,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _libshards import wds_write
+from _libshards import hf_parquet, put, remove, storage_options, wds_write
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
@@ -464,13 +464,45 @@ def test_failed_local_write_leaves_nothing_listable(tmp_path):
 
 
 def test_parquet_hf_layout_keys_and_null_bytes(tmp_path):
-    rows = [("a.png", image_bytes(1)), ("b.png", None), ("c.png", image_bytes(3))]
+    rows = [("a.png", image_bytes(1)), ("b.png", None), ("c.png", image_bytes(3)), ("memory::/x.png", None)]
     write_image_parquet(str(tmp_path / "hf.parquet"), rows, hf_layout=True)
     schema = pq.read_schema(tmp_path / "hf.parquet")
     assert schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    got = read_all(Shard(f"file://{tmp_path}/hf.parquet", "parquet"))
-    assert got == [Record("a.png", image_bytes(1)), Record("b.png", None, "no_image: null bytes"),
-                   Record("c.png", image_bytes(3))]
+    image = pa.StructArray.from_arrays([pa.array([None, image_bytes(4)], pa.binary()), pa.array([None, None],
+                                        pa.string())], names=["bytes", "path"], mask=pa.array([False, True]))
+    pq.write_table(pa.table({"image": image}), tmp_path / "nulls.parquet")
+    got = read_all(Shard(f"file://{tmp_path}/hf.parquet", "parquet"))  # null bytes: read from the path
+    assert got[:3] == [Record("a.png", image_bytes(1)),
+                       Record("b.png", None, "read_error: cannot read image path 'b.png': no such file"),
+                       Record("c.png", image_bytes(3))]
+    assert got[3].error == ("read_error: cannot read image path 'memory::/x.png': ValueError: path: expected a URL "
+                            "or a file path, got a chained URL 'memory::/x.png'")
+    got = read_all(Shard(f"file://{tmp_path}/nulls.parquet", "parquet"))  # neither bytes nor path; a null struct
+    assert got == [Record("000000", None, "no_image: null bytes"), Record("000001", None, "no_image: null bytes")]
+
+
+def test_hugging_face_parquet_of_image_paths_reads_each_path(input_root, tmp_path, monkeypatch):
+    """`Dataset.to_parquet` of a dataset built from image files stores {bytes: null, path}. Each image is read from
+    its path as `datasets` reads it: relative against the Parquet file's folder, absolute or a URL through fsspec."""
+    url_root = input_root if "://" in input_root else f"file://{input_root}"
+    src = tmp_path / "src"  # where the user built the dataset: `datasets` looks at every file as it writes
+    for name, data in {"rel.png": image_bytes(2), "url.png": image_bytes(3), "gone.png": image_bytes(4)}.items():
+        put(str(src / "_images" / name), data)
+        put(f"{input_root}/_images/{name}", data)
+    put(str(tmp_path / "elsewhere" / "abs.png"), image_bytes(1))
+    paths = [str(tmp_path / "elsewhere" / "abs.png"), "_images/rel.png", f"{url_root}/_images/url.png",
+             "_images/../_images/rel.png", "_images/gone.png"]
+    monkeypatch.chdir(src)
+    hf_parquet(f"{input_root}/hf.parquet", paths)
+    with fsspec.open(f"{input_root}/hf.parquet", **storage_options(input_root)) as f:
+        assert pq.read_table(f).column("image").to_pylist()[1] == {"bytes": None, "path": "_images/rel.png"}
+    remove(f"{input_root}/_images/gone.png")  # deleted after the dataset was written
+
+    [shard] = list_shards(input_root)
+    got = read_all(shard)
+    assert got[:4] == [Record(paths[0], image_bytes(1)), Record(paths[1], image_bytes(2)),
+                       Record(paths[2], image_bytes(3)), Record(paths[3], image_bytes(2))]
+    assert got[4:] == [Record(paths[4], None, "read_error: cannot read image path '_images/gone.png': no such file")]
 
 
 def test_parquet_key_fallbacks(tmp_path):

@@ -1,21 +1,24 @@
-"""Shards written the way users write them (the `webdataset` library's TarWriter), labelled through the real plan
-with the input on local disk and on the moto S3 server: every image member is exactly one row, and every
-damaged shard is reported (no row of a shard that failed its integrity check is labelled).
+"""Shards written the way users write them (the `webdataset` library's TarWriter, Hugging Face `datasets`'
+to_parquet), labelled through the real plan with the input on local disk and on the moto S3 server: every image
+member is exactly one row, and every damaged shard is reported (no row of a shard that failed its integrity check is
+labelled).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _digits import held_out_pngs
-from _libshards import storage_options, wds_write
+from _libshards import hf_parquet, put, remove, storage_options, wds_write
 from PIL import Image
 
 from pipeline import plan
@@ -100,6 +103,22 @@ def damaged_shards(root: str, pngs: tuple[bytes, ...]) -> tuple[Expected, ShardE
     return expected, {"crc.tar.gz": "corrupt", "header.tar": "corrupt", "pages.parquet": "corrupt"}
 
 
+def hf_path_shards(root: str, pngs: tuple[bytes, ...], src: Path) -> tuple[Expected, ShardErrors]:
+    """`datasets`' to_parquet of images given by path: relative (to the Parquet file), absolute, a URL, and one
+    deleted after the dataset was written."""
+    names = ["rel.png", "url.png", "gone.png"]
+    for name, data in zip(names, pngs[40:], strict=False):
+        put(str(src / "_images" / name), data)  # `datasets` looks at each file as it writes
+        put(f"{root}/_images/{name}", data)  # '_': not a folder shard of its own
+    put(str(src.parent / "abs.png"), pngs[44])
+    url = f"{root if '://' in root else 'file://' + root}/_images/url.png"
+    paths = [str(src.parent / "abs.png"), "_images/rel.png", url, "_images/gone.png"]
+    with contextlib.chdir(src):
+        hf_parquet(f"{root}/hf.parquet", paths)
+    remove(f"{root}/_images/gone.png")
+    return {("hf.parquet", p): "ok" for p in paths[:3]} | {("hf.parquet", paths[3]): "read_error"}, {}
+
+
 def _outcomes(rows: list[dict]) -> Expected:
     """(shard name, key) -> "ok" or error code; the n-th row of a repeated key is keyed '<key>#<n>'."""
     got: Expected = {}
@@ -115,8 +134,7 @@ def _outcomes(rows: list[dict]) -> Expected:
 
 def test_every_image_member_is_one_row(ray_local, input_root, tmp_path, pngs):
     expected, shard_errors = webdataset_shards(input_root, pngs)
-    for build in (damaged_shards,):
-        more, errors = build(input_root, pngs)
+    for more, errors in (damaged_shards(input_root, pngs), hf_path_shards(input_root, pngs, tmp_path / "src")):
         expected, shard_errors = expected | more, shard_errors | errors
     out = str(tmp_path / "out")
     summary = plan.run(JobConfig(input=input_root, output=out, model="builtin:digits", progress=False,
