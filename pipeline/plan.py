@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import ray_noise
 from pipeline.config import JobConfig, redact
 from pipeline.lease import Lease
 from pipeline.preprocess import preprocess_batch
@@ -285,6 +286,7 @@ def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> Run
         tw = time.perf_counter()
         sink = LabelDatasink(output=cfg.output, run_id=cfg.run_id, staging_id=commit_id,
                              model_digest=info.digest, embeddings=cfg.embeddings)
+        ray_noise.quiet(sink.get_name())  # Ray's lines that read as failures; ours below says what was committed
         try:
             build_dataset(cfg, wave, info.contract, gpus).write_datasink(sink)
         except Exception as e:  # Ray gave up (its retries are bounded): say what broke, in one line
@@ -301,7 +303,8 @@ def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> Run
                                          "images_per_s": round(images / seconds, 2) if seconds else 0.0},
         )
         summary.manifests.append(manifest)
-        log.info("committed %s: %d shards, %d images in %.1fs", commit_id, len(wave),
-                 manifest["counts"]["images"], seconds)
+        counts = manifest["counts"]
+        log.info("committed %s: %d shards, %d images (%d ok, %d errors) in %.1fs", commit_id, len(wave),
+                 counts["images"], counts["ok"], counts["error"], seconds)
     summary.seconds = time.perf_counter() - t0
     return summary
