@@ -2,8 +2,8 @@
 
     list shards (driver)  -> pending = all shards - shards committed for this model digest
     read shard (CPU task)   -> rows: image_id, source, key, bytes, shard_images, error (+1 marker row per shard)
-    preprocess (CPU task)   -> rows + tokens uint8 [N, P*P*3], width, height, status
-    classify (actor pool)   -> rows + label, score, top-k (tokens dropped)
+    preprocess (CPU task)   -> rows + inputs uint8 (patch tokens [N, P*P*3] or pixels [H, W, 3]), width, height, status
+    classify (actor pool)   -> rows + label, score, top-k (inputs dropped)
     LabelDatasink (writes)  -> staged Parquet files; then the driver commits a manifest per wave
 
 Each shard ends with one marker row that carries how many images the reader produced; the commit
@@ -12,6 +12,7 @@ checks every shard's written rows against it, so a shard is committed whole or n
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -22,13 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 
 from pipeline.config import JobConfig, redact
 from pipeline.lease import Lease
 from pipeline.preprocess import preprocess_batch
 from pipeline.sink import STAGING_GRACE_S, LabelDatasink, commit, committed_shards, recover
-from pipeline.sources import Shard, ShardError, iter_shard, list_shards
+from pipeline.sources import Shard, ShardError, iter_examples, iter_shard, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], *, image_column: str, key_column: str, rows_per_batch: int,
                         contract: Any, max_pixels: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: shard descriptors -> batches of preprocessed rows (tokens), each shard ending in its marker.
+    """Ray Data UDF: shard descriptors -> batches of preprocessed rows (inputs), each shard ending in its marker.
 
     Reading and preprocessing compose here, in the plan, so one CPU task streams one shard; each batch
     of `rows_per_batch` images is decoded as soon as it is read.
@@ -142,17 +144,114 @@ class RunSummary:
         }
 
 
-def resolve(cfg: JobConfig) -> tuple[JobConfig, Any]:
-    """Fill in run id, date and model name; returns the resolved config and the model's description."""
-    cfg.require_io()
-    from pipeline.model import describe_model  # torch: imported where needed, see build_dataset
+@dataclass(frozen=True)
+class ModelPlan:
+    """The model a run labels with: the checkpoint (`info`), its head, and the model version (`digest`)."""
 
-    info = describe_model(cfg.model)
+    info: Any  # pipeline.models.ModelInfo
+    head: Any  # pipeline.models.Head
+    digest: str  # the model version: checkpoint files, family, contract and head (what rows are labelled under)
+
+    @property
+    def contract(self) -> Any:
+        return self.info.contract
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.head.labels
+
+    def describe(self) -> dict[str, Any]:
+        """What `--dry-run` prints about the model."""
+        labels = list(self.labels)
+        return {"family": self.info.family, "digest": self.digest, "checkpoint_digest": self.info.digest,
+                "head": self.head.kind, "score": self.head.score_meaning, "labels": len(labels),
+                "label_names": labels if len(labels) <= 50 else labels[:50] + ["..."],
+                **({"prompts": self.head.meta["prompts"]} if "prompts" in self.head.meta else {}),
+                **({"examples": self.head.meta["examples"]} if "examples" in self.head.meta else {}),
+                "contract": {**dataclasses.asdict(self.contract), "layout": self.contract.layout,
+                             "input_shape": list(self.contract.input_shape)},
+                "files": dict(self.info.files)}
+
+
+def resolve(cfg: JobConfig) -> tuple[JobConfig, ModelPlan]:
+    """Fill in run id, date and model name, and plan the model: checkpoint, head and model version."""
+    cfg.require_io()
+    # torch: imported where needed, see build_dataset
+    from pipeline.models import describe_model, model_version
+
+    info = describe_model(cfg.model, cfg.model_family)
+    head = resolve_head(cfg, info)
     return cfg.replace(
         run_id=cfg.run_id or new_run_id(),
         dt=cfg.dt or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
         model_name=cfg.model_name or info.name,
-    ), info
+    ), ModelPlan(info=info, head=head, digest=model_version(info, head.digest))
+
+
+def resolve_head(cfg: JobConfig, info: Any) -> Any:
+    """The checkpoint's classifier, a zero-shot vocabulary (--labels/--labels-file) or few-shot prototypes
+    (--examples), computed once here on the driver: the actors only run the image model."""
+    from pipeline.models import Head, ModelError, heads, text_embeddings
+
+    if cfg.labels or cfg.labels_file:
+        labels = vocabulary(cfg)
+        return heads.zero_shot(labels, list(cfg.prompt), lambda texts: text_embeddings(cfg.model, info.family, texts))
+    if cfg.examples:
+        return few_shot_head(cfg, info)
+    if not info.labels:
+        raise ModelError(f"model: expected a classifier, got a {info.family} checkpoint without one ({cfg.model!r}):"
+                         " give --labels (zero-shot, SigLIP) or --examples DIR (few-shot)")
+    return Head("classifier", info.labels)
+
+
+def vocabulary(cfg: JobConfig) -> list[str]:
+    """Zero-shot labels from --labels (comma-separated) or --labels-file (one per line), stripped, unique."""
+    from pipeline.config import ConfigError
+
+    if cfg.labels_file:
+        try:
+            with fsspec.open(cfg.labels_file, "rt", encoding="utf-8") as f:
+                raw = f.read().splitlines()
+        except OSError as e:
+            raise ConfigError(f"labels_file: expected a readable text file, got {redact(cfg.labels_file)!r}: "
+                              f"{redact(str(e))}") from e
+    else:
+        raw = cfg.labels.split(",")
+    labels = [x.strip() for x in raw if x.strip()]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if not labels or dupes:
+        raise ConfigError(f"labels: expected distinct non-empty labels, got {dupes or labels}")
+    return labels
+
+
+def few_shot_head(cfg: JobConfig, info: Any) -> Any:
+    """Prototypes from --examples: the same preprocessing and model as the run, here on the driver (fp32, CPU)."""
+    import torch
+
+    from pipeline.models import ModelError, heads, load_model
+    from pipeline.preprocess import ImageError, decode_image
+
+    bundle = load_model(cfg.model, family=info.family)
+    if bundle.digest != info.digest:
+        raise ModelError(f"model: expected checkpoint {info.digest}, got {bundle.digest}: it changed while planning")
+    labels, inputs, skipped = [], [], []
+    for label, name, data in iter_examples(cfg.examples):
+        try:
+            inputs.append(decode_image(data, info.contract, cfg.max_image_pixels)[0])
+            labels.append(label)
+        except ImageError as e:
+            skipped.append(f"{label}/{name}: {e}")
+    if skipped:
+        log.warning("examples: %d image(s) skipped: %s", len(skipped), "; ".join(skipped[:5]))
+    if not inputs:
+        raise ModelError(f"examples: expected decodable images in sub-folders of {redact(cfg.examples)!r}, got none")
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(inputs), cfg.batch_size):
+            x = torch.from_numpy(np.stack(inputs[i:i + cfg.batch_size]))  # [b, ...] uint8
+            feats.append(bundle.model.forward_features(x).float().numpy())  # [b, D]
+    names = sorted(set(labels))
+    return heads.few_shot(names, np.concatenate(feats), labels)
 
 
 def plan_shards(cfg: JobConfig, model_digest: str) -> tuple[list[Shard], list[Shard]]:
@@ -174,7 +273,7 @@ def init_ray(cfg: JobConfig) -> None:
     ray.init(address=address, **kwargs)
 
 
-def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_actor: float):
+def build_dataset(cfg: JobConfig, shards: list[Shard], model: ModelPlan, gpus_per_actor: float):
     """The streaming plan for one wave of shards (not yet executed)."""
     import ray
 
@@ -184,7 +283,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_a
 
     items = [{"uri": s.uri, "format": s.format} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    _bound_inflight(ds.context, cfg, contract, gpus_per_actor)
+    _bound_inflight(ds.context, cfg, model.contract, gpus_per_actor)
     # One task per shard. Two chained map_batches (read batch_size=1, preprocess batch_size=64) would be
     # fused by Ray Data into one task whose input is bundled up to the larger batch size: 64 shards per
     # task, read serially, with no overlap between reading and the model (measured: BENCHMARKS.md).
@@ -192,7 +291,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_a
         read_and_preprocess, batch_size=1, batch_format="numpy", num_cpus=cfg.preprocess_cpus,
         max_retries=TASK_RETRIES,
         fn_kwargs={"image_column": cfg.image_column, "key_column": cfg.key_column,
-                   "rows_per_batch": cfg.preprocess_batch_size, "contract": contract,
+                   "rows_per_batch": cfg.preprocess_batch_size, "contract": model.contract,
                    "max_pixels": cfg.max_image_pixels},
     )
     threads = max(1, int(cfg.cpus_per_actor))
@@ -201,7 +300,8 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_a
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
         num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
         max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
-        fn_constructor_kwargs={"model": cfg.model, "top_k": cfg.top_k, "dtype": cfg.dtype,
+        fn_constructor_kwargs={"model": cfg.model, "family": model.info.family, "head": model.head,
+                               "checkpoint_digest": model.info.digest, "top_k": cfg.top_k, "dtype": cfg.dtype,
                                "embeddings": cfg.embeddings, "num_threads": threads, "batch_size": cfg.batch_size,
                                "compile": cfg.compile},
     )
@@ -219,7 +319,7 @@ def _bound_inflight(ctx: Any, cfg: JobConfig, contract: Any, gpus_per_actor: flo
     """
     import ray
 
-    batch = cfg.preprocess_batch_size * contract.num_patches * contract.token_dim  # bytes of tokens per batch
+    batch = cfg.preprocess_batch_size * contract.input_bytes  # bytes of model inputs per batch
     ctx.target_max_block_size = max(batch + (1 << 20), 32 << 20)  # + room for the other columns
     limits = ctx.execution_options.resource_limits
     if limits.object_store_memory not in (None, float("inf")):
@@ -249,26 +349,26 @@ def run(cfg: JobConfig) -> RunSummary:
     live job holds it, LeaseLost (before committing) if it expired and was taken over mid-run.
     """
     t0 = time.perf_counter()
-    cfg, info = resolve(cfg)
+    cfg, model = resolve(cfg)
     if not cfg.lease:
-        return _run_waves(cfg, info, t0, None)
+        return _run_waves(cfg, model, t0, None)
     # One leased writer per output: taken before listing pending shards, renewed before every commit.
     with Lease.acquire(cfg.output, name=LEASE_NAME, run_id=cfg.run_id, ttl_s=cfg.lease_ttl_s) as lease:
-        return _run_waves(cfg, info, t0, lease)
+        return _run_waves(cfg, model, t0, lease)
 
 
-def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> RunSummary:
+def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None) -> RunSummary:
     import ray
     from ray.data import DataContext
 
     # Finish or undo a commit a killed driver left half done, before deciding what is pending. Only the
     # lease holder may also sweep fresh staging folders (without a lease another run may still be writing).
     recover(cfg.output, staging_grace_s=0.0 if lease is not None else STAGING_GRACE_S)
-    shards, pending = plan_shards(cfg, info.digest)
-    summary = RunSummary(run_id=cfg.run_id, output=cfg.output, model=cfg.model_name, model_digest=info.digest,
+    shards, pending = plan_shards(cfg, model.digest)
+    summary = RunSummary(run_id=cfg.run_id, output=cfg.output, model=cfg.model_name, model_digest=model.digest,
                          dt=cfg.dt, shards_total=len(shards), shards_skipped=len(shards) - len(pending))
     log.info("run %s: %d shards, %d pending, model %s (%s)", cfg.run_id, len(shards), len(pending),
-             cfg.model_name, info.digest[:19])
+             cfg.model_name, model.digest[:19])
     if not pending:
         summary.seconds = time.perf_counter() - t0
         return summary
@@ -284,9 +384,9 @@ def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> Run
         commit_id = cfg.run_id if len(all_waves) == 1 else f"{cfg.run_id}-w{k:04d}"
         tw = time.perf_counter()
         sink = LabelDatasink(output=cfg.output, run_id=cfg.run_id, staging_id=commit_id,
-                             model_digest=info.digest, embeddings=cfg.embeddings)
+                             model_digest=model.digest, embeddings=cfg.embeddings)
         try:
-            build_dataset(cfg, wave, info.contract, gpus).write_datasink(sink)
+            build_dataset(cfg, wave, model, gpus).write_datasink(sink)
         except Exception as e:  # Ray gave up (its retries are bounded): say what broke, in one line
             raise RunFailed(f"run {cfg.run_id}: wave {k + 1}/{len(all_waves)} ({len(wave)} shards) failed, nothing "
                             f"of it committed ({len(summary.manifests)} earlier wave(s) are): {root_cause(e)}") from e
@@ -296,8 +396,10 @@ def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> Run
             lease.renew()  # raises LeaseLost, committing nothing, if another writer took the output over
         manifest = commit(
             output=cfg.output, run_id=cfg.run_id, commit_id=commit_id, model_name=cfg.model_name,
-            model_digest=info.digest, dt=cfg.dt, results=sink.results, expected_shards=[s.uri for s in wave],
+            model_digest=model.digest, dt=cfg.dt, results=sink.results, expected_shards=[s.uri for s in wave],
             config=cfg.to_dict(), stats={"seconds": round(seconds, 3), "wave": k, "waves": len(all_waves),
+                                         "family": model.info.family, "head": model.head.kind,
+                                         "checkpoint_digest": model.info.digest,
                                          "images_per_s": round(images / seconds, 2) if seconds else 0.0},
         )
         summary.manifests.append(manifest)
