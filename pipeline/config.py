@@ -20,6 +20,7 @@ from typing import Any
 BUILTIN_MODEL = "builtin:digits"
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LAYOUTS = ("auto", "split", "fused")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 RESIZE_MODES = ("squash", "shortest")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -117,9 +118,10 @@ class JobConfig:
     batch_size: int = 64  # images per model forward
     preprocess_batch_size: int = 64  # images per preprocessing task batch
     preprocess_cpus: float = 1.0  # CPUs each preprocessing task asks Ray for
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
+    dtype: str = "auto"  # auto: bf16 on GPU; on CPU bf16 only where measured faster (AMX/AVX512-BF16), else fp32
+    layout: str = "auto"  # auto: fused without GPUs, else split (decode tasks + model actors); fused: actors do both
     min_actors: int = 1  # predictor actor pool lower bound
-    max_actors: int = 1  # predictor actor pool upper bound
+    max_actors: int = 1  # predictor actor pool upper bound (fused layout: 1 = as many as the CPUs hold)
     gpus_per_actor: float = -1.0  # -1: 1 if the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0  # on CPU the actor runs torch with this many threads
     compile: bool = False  # torch.compile the model in each actor (GPU: faster after a warm-up; CPU: no gain)
@@ -149,6 +151,7 @@ class JobConfig:
                 "--labels or --labels-file with it (prompts are for zero-shot)", self.prompt)
         _expect(self.input_format in INPUT_FORMATS, "input_format", f"one of {INPUT_FORMATS}", self.input_format)
         _expect(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _expect(self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}", self.layout)
         for name in ("top_k", "batch_size", "preprocess_batch_size", "min_actors", "max_actors", "max_image_pixels"):
             v = getattr(self, name)
             _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an integer >= 1", v)

@@ -4,8 +4,9 @@
     read shard (CPU task)   -> rows: image_id, source, key, bytes, shard_images, error (+1 marker row per shard)
     preprocess (CPU task)   -> rows + inputs uint8 (patch tokens [N, P*P*3] or pixels [H, W, 3]), width, height, status
     classify (actor pool)   -> rows + label, score, top-k (inputs dropped)
-    LabelDatasink (writes)  -> staged Parquet files; then the driver commits a manifest per wave
+    WaveCommitter (driver)  -> consumes the stream: stages Parquet files, commits a manifest per wave
 
+One Ray Data execution per run: the actors start once, and waves commit while later shards keep flowing.
 Each shard ends with one marker row that carries how many images the reader produced; the commit
 checks every shard's written rows against it, so a shard is committed whole or not at all.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import math
 import os
 import re
 import secrets
@@ -29,8 +31,9 @@ import numpy as np
 from pipeline.config import JobConfig, redact
 from pipeline.lease import Lease
 from pipeline.preprocess import preprocess_batch
-from pipeline.sink import STAGING_GRACE_S, LabelDatasink, commit, committed_shards, recover
+from pipeline.sink import STAGING_GRACE_S, committed_shards, recover
 from pipeline.sources import Shard, ShardError, iter_examples, iter_shard, list_shards
+from pipeline.waves import WaveCommitter
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +276,32 @@ def init_ray(cfg: JobConfig) -> None:
     ray.init(address=address, **kwargs)
 
 
-def build_dataset(cfg: JobConfig, shards: list[Shard], model: ModelPlan, gpus_per_actor: float):
-    """The streaming plan for one wave of shards (not yet executed)."""
+def actor_threads(cfg: JobConfig) -> int:
+    """Torch threads of a predictor actor: as many as the CPUs it asked Ray for, rounded up (1.5 -> 2)."""
+    return max(1, math.ceil(cfg.cpus_per_actor))
+
+
+def pick_dtype(cfg: JobConfig, gpus_per_actor: float) -> tuple[str, str]:
+    """(dtype, why): --dtype, or for auto bf16 on a GPU, and on a CPU bf16 only where it measures faster."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "--dtype"
+    if gpus_per_actor > 0:
+        return "bfloat16", "GPU"
+    from pipeline.predict import cpu_bf16_faster
+
+    faster, why = cpu_bf16_faster(actor_threads(cfg))
+    return ("bfloat16" if faster else "float32"), why
+
+
+def build_dataset(cfg: JobConfig, shards: list[Shard], model: ModelPlan, gpus_per_actor: float,
+                  dtype: str = "float32", layout: str = "split"):
+    """The streaming plan of a run (not yet executed), in one of two layouts:
+
+    split: read+decode tasks (CPU) -> model inputs through the object store -> predictor actors (GPU or CPU);
+    fused: actors that read, decode and label whole shards themselves (CPU clusters: no inputs cross the
+           object store, and every CPU of an actor runs both decoding and the model).
+    Both emit the same stream: prediction rows and one marker row per shard.
+    """
     import ray
 
     # torch is imported here and in resolve(), not at module level: CPU workers unpickle the preprocessing
@@ -284,28 +311,82 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], model: ModelPlan, gpus_pe
     items = [{"uri": s.uri, "format": s.format} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     _bound_inflight(ds.context, cfg, model.contract, gpus_per_actor)
+    read_kwargs = {"image_column": cfg.image_column, "key_column": cfg.key_column,
+                   "rows_per_batch": cfg.preprocess_batch_size, "contract": model.contract,
+                   "max_pixels": cfg.max_image_pixels}
+    predictor_kwargs = {"model": cfg.model, "family": model.info.family, "head": model.head,
+                        "checkpoint_digest": model.info.digest, "top_k": cfg.top_k, "dtype": dtype,
+                        "embeddings": cfg.embeddings, "num_threads": actor_threads(cfg),
+                        "batch_size": cfg.batch_size, "compile": cfg.compile}
+    actors = dict(num_cpus=cfg.cpus_per_actor, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES)
+    if layout == "fused":
+        n = fused_actors(cfg)
+        return ds.map_batches(ShardLabeler, batch_size=1, batch_format="numpy",
+                              compute=ray.data.ActorPoolStrategy(min_size=n, max_size=n), num_gpus=0,
+                              fn_constructor_kwargs={"read_kwargs": read_kwargs, "predictor_kwargs": predictor_kwargs},
+                              **actors)
     # One task per shard. Two chained map_batches (read batch_size=1, preprocess batch_size=64) would be
     # fused by Ray Data into one task whose input is bundled up to the larger batch size: 64 shards per
     # task, read serially, with no overlap between reading and the model (measured: BENCHMARKS.md).
-    ds = ds.map_batches(
-        read_and_preprocess, batch_size=1, batch_format="numpy", num_cpus=cfg.preprocess_cpus,
-        max_retries=TASK_RETRIES,
-        fn_kwargs={"image_column": cfg.image_column, "key_column": cfg.key_column,
-                   "rows_per_batch": cfg.preprocess_batch_size, "contract": model.contract,
-                   "max_pixels": cfg.max_image_pixels},
-    )
-    threads = max(1, int(cfg.cpus_per_actor))
-    ds = ds.map_batches(
-        Predictor, batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
-        max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
-        fn_constructor_kwargs={"model": cfg.model, "family": model.info.family, "head": model.head,
-                               "checkpoint_digest": model.info.digest, "top_k": cfg.top_k, "dtype": cfg.dtype,
-                               "embeddings": cfg.embeddings, "num_threads": threads, "batch_size": cfg.batch_size,
-                               "compile": cfg.compile},
-    )
-    return ds
+    ds = ds.map_batches(read_and_preprocess, batch_size=1, batch_format="numpy", num_cpus=cfg.preprocess_cpus,
+                        max_retries=TASK_RETRIES, fn_kwargs=read_kwargs)
+    return ds.map_batches(Predictor, batch_size=cfg.batch_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+                          num_gpus=gpus_per_actor, fn_constructor_kwargs=predictor_kwargs, **actors)
+
+
+def fused_actors(cfg: JobConfig) -> int:
+    """Actors of the fused layout: --max-actors if more than 1, else as many as the cluster's CPUs hold."""
+    import ray
+
+    if cfg.max_actors > 1:
+        return cfg.max_actors
+    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // cfg.cpus_per_actor))
+
+
+class ShardLabeler:
+    """The fused CPU layout's actor: reads, decodes and labels one shard per call, with the model loaded once.
+
+    Decoding runs in a background thread, one batch ahead of the model (Pillow and numpy release the GIL), so
+    the actor's CPUs run the decoder and torch's threads at the same time; nothing crosses the object store
+    but the prediction rows.
+    """
+
+    def __init__(self, read_kwargs: dict[str, Any], predictor_kwargs: dict[str, Any]):
+        from pipeline.predict import Predictor
+
+        self.read_kwargs = read_kwargs
+        self.predictor = Predictor(**predictor_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[Any]:
+        for rows in _prefetched(read_and_preprocess(batch, **self.read_kwargs)):
+            yield self.predictor(rows)
+
+
+def _prefetched(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """`it`'s items, produced by a background thread up to `depth` ahead; its exceptions re-raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in it:
+                q.put((item, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            q.put((None, e))
+        q.put((done, None))
+
+    threading.Thread(target=produce, daemon=True, name="decode-ahead").start()
+    while True:
+        item, error = q.get()
+        if error is not None:
+            raise error
+        if item is done:
+            return
+        yield item
 
 
 def _bound_inflight(ctx: Any, cfg: JobConfig, contract: Any, gpus_per_actor: float) -> None:
@@ -333,13 +414,6 @@ def _bound_inflight(ctx: Any, cfg: JobConfig, contract: Any, gpus_per_actor: flo
     if store:
         budget = min(budget, store / 2)  # never above Ray Data's own default share
     ctx.execution_options.resource_limits = limits.copy(object_store_memory=budget)
-
-
-def waves(shards: list[Shard], wave_shards: int) -> list[list[Shard]]:
-    if not shards:
-        return []
-    n = wave_shards or len(shards)
-    return [shards[i:i + n] for i in range(0, len(shards), n)]
 
 
 def run(cfg: JobConfig) -> RunSummary:
@@ -379,31 +453,35 @@ def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None)
     gpus = cfg.gpus_per_actor
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    all_waves = waves(pending, cfg.wave_shards)
-    for k, wave in enumerate(all_waves):
-        commit_id = cfg.run_id if len(all_waves) == 1 else f"{cfg.run_id}-w{k:04d}"
-        tw = time.perf_counter()
-        sink = LabelDatasink(output=cfg.output, run_id=cfg.run_id, staging_id=commit_id,
-                             model_digest=model.digest, embeddings=cfg.embeddings)
+    dtype, why = pick_dtype(cfg, gpus)
+    layout = cfg.layout if cfg.layout != "auto" else ("split" if gpus else "fused")
+    log.info("run %s: %s layout, %s actors, dtype %s (%s)", cfg.run_id, layout, "GPU" if gpus else "CPU", dtype,
+             why)
+    committer = WaveCommitter(
+        output=cfg.output, run_id=cfg.run_id, model_name=cfg.model_name, model_digest=model.digest, dt=cfg.dt,
+        shards=[s.uri for s in pending], wave_size=cfg.wave_shards or len(pending), embeddings=cfg.embeddings,
+        config=cfg.to_dict(), before_commit=lease.renew if lease is not None else None,
+        stats={"family": model.info.family, "head": model.head.kind, "checkpoint_digest": model.info.digest,
+               "dtype": dtype, "dtype_reason": why, "layout": layout})
+    summary.manifests = committer.manifests  # filled as waves commit
+    ds = build_dataset(cfg, pending, model, gpus, dtype, layout)
+    stream = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))
+    while True:
         try:
-            build_dataset(cfg, wave, model, gpus).write_datasink(sink)
+            table = next(stream, None)
         except Exception as e:  # Ray gave up (its retries are bounded): say what broke, in one line
-            raise RunFailed(f"run {cfg.run_id}: wave {k + 1}/{len(all_waves)} ({len(wave)} shards) failed, nothing "
-                            f"of it committed ({len(summary.manifests)} earlier wave(s) are): {root_cause(e)}") from e
-        seconds = time.perf_counter() - tw
-        images = sum(r["rows"] for r in sink.results)
-        if lease is not None:
-            lease.renew()  # raises LeaseLost, committing nothing, if another writer took the output over
-        manifest = commit(
-            output=cfg.output, run_id=cfg.run_id, commit_id=commit_id, model_name=cfg.model_name,
-            model_digest=model.digest, dt=cfg.dt, results=sink.results, expected_shards=[s.uri for s in wave],
-            config=cfg.to_dict(), stats={"seconds": round(seconds, 3), "wave": k, "waves": len(all_waves),
-                                         "family": model.info.family, "head": model.head.kind,
-                                         "checkpoint_digest": model.info.digest,
-                                         "images_per_s": round(images / seconds, 2) if seconds else 0.0},
-        )
-        summary.manifests.append(manifest)
-        log.info("committed %s: %d shards, %d images in %.1fs", commit_id, len(wave),
-                 manifest["counts"]["images"], seconds)
+            raise _failed(cfg, committer, e) from e
+        if table is None:
+            break
+        try:
+            committer.add(table)
+        except (OSError, ValueError) as e:  # staging or commit I/O of this driver
+            raise _failed(cfg, committer, e) from e
+    committer.finish()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _failed(cfg: JobConfig, committer: WaveCommitter, e: BaseException) -> RunFailed:
+    return RunFailed(f"run {cfg.run_id}: {committer.wave_label} failed, nothing of it committed "
+                     f"({len(committer.manifests)} earlier wave(s) are): {root_cause(e)}")
