@@ -301,7 +301,8 @@ def make_model(workdir: Path, size: str, seed: int) -> str:
     import torch
 
     from pipeline.config import ImageContract
-    from pipeline.model import ViT, ViTConfig, save_checkpoint
+    from pipeline.models.vit import ViT, ViTConfig
+    from pipeline.models.vit_ckpt import save_checkpoint
 
     dim, depth, heads = MODEL_SIZES[size]
     name = f"vit-{size}-16-bench-s{seed}"
@@ -652,7 +653,8 @@ class DocsPredictor:
     def __init__(self, model: str, dtype: str, num_threads: int, top_k: int = 5):
         import torch
 
-        from pipeline.model import load_model, unfold_normalization
+        from pipeline.models import load_model
+        from pipeline.models.layers import unfold_normalization
         from pipeline.predict import pick_device_dtype
 
         self.device, self.dtype = pick_device_dtype(dtype)
@@ -775,7 +777,7 @@ def _load() -> list[float] | None:
 
 
 def run_bench(s: Settings, argv: list[str] | None = None) -> dict[str, Any]:
-    from pipeline.model import describe_model
+    from pipeline.models import describe_model
     from pipeline.preprocess import decode_image
 
     t_start = time.perf_counter()

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, JobConfig, read_job_file
 
-SUBCOMMANDS = ("run", "nightly", "submit", "query", "report", "demo", "bench")
+SUBCOMMANDS = ("run", "nightly", "submit", "query", "report", "demo", "bench", "models")
 _FIELD_HELP: dict[str, str] = {}
 
 
@@ -47,6 +47,8 @@ def add_config_args(p: argparse.ArgumentParser, *, positional_io: bool = False) 
         h = helps.get(f.name, "")
         if f.name == "extra":
             p.add_argument("--tag", dest="extra", action="append", metavar="KEY=VALUE", help=h)
+        elif str(f.type).startswith("tuple"):
+            p.add_argument(flag, dest=f.name, action="append", default=None, help=h + " (repeatable)")
         elif f.type == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
@@ -78,7 +80,8 @@ def print_json(obj: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitlabel", description="Batch image labelling on Ray with a ViT.")
+    parser = argparse.ArgumentParser(prog="vitlabel", description="Batch image labelling on Ray: ViT, ResNet, "
+                                     "MobileNetV2, DINOv2 or SigLIP.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Errors whose message says everything a user needs (no traceback): bad input, bad model, a failed wave.
-_USER_ERRORS = (("pipeline.plan", "RunFailed"), ("pipeline.sources", "SourceError"), ("pipeline.model", "ModelError"),
-                ("pipeline.sink", "CommitError"), ("pipeline.reports", "ReportError"))
+_USER_ERRORS = (("pipeline.plan", "RunFailed"), ("pipeline.sources", "SourceError"),
+                ("pipeline.models.checkpoint", "ModelError"), ("pipeline.sink", "CommitError"),
+                ("pipeline.reports", "ReportError"))
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -28,12 +28,11 @@ def describe(cfg: JobConfig) -> dict:
     """The resolved config and plan, as `--dry-run` prints it."""
     from pipeline.plan import plan_shards, resolve
 
-    cfg, info = resolve(cfg)
-    shards, pending = plan_shards(cfg, info.digest)
+    cfg, model = resolve(cfg)
+    shards, pending = plan_shards(cfg, model.digest)
     return {
         "config": cfg.to_dict(),
-        "model": {"name": cfg.model_name, "digest": info.digest, "labels": len(info.labels),
-                  "contract": info.contract.__dict__},
+        "model": {"name": cfg.model_name, **model.describe()},
         "shards": {"total": len(shards), "pending": len(pending), "first": [s.uri for s in pending[:5]]},
         "stages": ["read_shards", "preprocess_batch", f"Predictor x{cfg.min_actors}..{cfg.max_actors}",
                    "LabelDatasink", "commit"],

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import ImageContract
-from pipeline.model import ViT, ViTConfig, fold_normalization, load_model, save_checkpoint
+from pipeline.models import load_model
+from pipeline.models.layers import fold_normalization
+from pipeline.models.vit import ViT, ViTConfig
+from pipeline.models.vit_ckpt import save_checkpoint
 from pipeline.preprocess import decode_image
 
 log = logging.getLogger(__name__)

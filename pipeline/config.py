@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 BUILTIN_MODEL = "builtin:digits"
 INPUT_FORMATS = ("auto", "webdataset", "parquet", "folder")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LAYOUTS = ("auto", "split", "fused")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 RESIZE_MODES = ("squash", "shortest")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
@@ -45,16 +47,19 @@ def _expect(ok: bool, name: str, expected: str, got: Any) -> None:
 
 @dataclass(frozen=True)
 class ImageContract:
-    """How a model wants its pixels: owned by the model, consumed by preprocessing.
+    """How a model wants its pixels: owned by the model (read from its checkpoint), consumed by preprocessing.
 
-    Patch layout (defined once): an image [H, W, 3] becomes tokens [N, P*P*3] with N = (H/P)*(W/P)
-    patches in row-major order, each patch flattened in (row, col, channel) order.
+    Two layouts, defined once here:
+    - patches (patch_size P > 0: ViT, DINOv2, SigLIP): an image [H, W, 3] becomes tokens [N, P*P*3] with
+      N = (H/P)*(W/P) patches in row-major order, each patch flattened in (row, col, channel) order;
+    - pixels (patch_size 0: the CNNs): the image itself, [H, W, 3].
+    Both are uint8; the model normalises with `mean`/`std` on the device.
     """
 
     image_size: tuple[int, int]  # (H, W) fed to the model
-    patch_size: int
-    resize: str = "squash"  # squash: resize to exactly (H, W) (HF ViTImageProcessor); shortest: timm-style
-    crop_pct: float = 1.0  # shortest: resize shorter side to size / crop_pct, then center-crop (H, W)
+    patch_size: int = 0  # > 0: patch tokens; 0: whole images
+    resize: str = "squash"  # squash: to (H, W) / crop_pct exactly (HF ViT); shortest: shorter side (timm, HF BiT)
+    crop_pct: float = 1.0  # the centre crop (H, W) is this fraction of the resized image's side(s)
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -62,12 +67,18 @@ class ImageContract:
     def __post_init__(self) -> None:
         h, w = self.image_size
         p = self.patch_size
-        _expect(p > 0 and h % p == 0 and w % p == 0, "image_size", f"multiples of patch_size={p}", self.image_size)
+        _expect(h > 0 and w > 0, "image_size", "positive (H, W)", self.image_size)
+        _expect(p >= 0 and (p == 0 or (h % p == 0 and w % p == 0)), "image_size",
+                f"multiples of patch_size={p}", self.image_size)
         _expect(self.resize in RESIZE_MODES, "resize", f"one of {RESIZE_MODES}", self.resize)
         _expect(self.interpolation in INTERPOLATIONS, "interpolation", f"one of {INTERPOLATIONS}", self.interpolation)
         _expect(0 < self.crop_pct <= 1, "crop_pct", "0 < crop_pct <= 1", self.crop_pct)
         _expect(len(self.mean) == 3 and len(self.std) == 3, "mean/std", "3 values each", (self.mean, self.std))
         _expect(all(s > 0 for s in self.std), "std", "positive values", self.std)
+
+    @property
+    def layout(self) -> str:
+        return "patches" if self.patch_size else "pixels"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -82,6 +93,15 @@ class ImageContract:
     def token_dim(self) -> int:
         return self.patch_size * self.patch_size * 3
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one image's model input: (N, P*P*3) patch tokens or (H, W, 3) pixels."""
+        return (self.num_patches, self.token_dim) if self.patch_size else (*self.image_size, 3)
+
+    @property
+    def input_bytes(self) -> int:
+        return math.prod(self.input_shape)
+
 
 @dataclass(frozen=True)
 class JobConfig:
@@ -89,8 +109,13 @@ class JobConfig:
 
     input: str = ""  # shard URL, glob or prefix: /data/shards, s3://bucket/prefix/*.tar, ...
     output: str = ""  # table root: local path or fsspec URL (s3://bucket/labels)
-    model: str = BUILTIN_MODEL  # builtin:digits, a HF checkpoint dir, or a timm state dict (local or fsspec URL)
+    model: str = BUILTIN_MODEL  # a checkpoint dir or state-dict file (local or fsspec URL), or builtin:NAME
+    model_family: str = "auto"  # auto: detected from the checkpoint; else a family of `vitlabel models`
     model_name: str = ""  # partition name; default: from the checkpoint
+    labels: str = ""  # zero-shot vocabulary (SigLIP), comma-separated: "cat,dog,red car"
+    labels_file: str = ""  # zero-shot vocabulary file, one label per line (local path or fsspec URL)
+    prompt: tuple[str, ...] = ()  # zero-shot prompt template with {} for the label; repeat to average several
+    examples: str = ""  # few-shot: a folder (or URL) with one sub-folder of example images per label
     input_format: str = "auto"  # auto, webdataset, parquet or folder
     image_column: str = "auto"  # parquet: column holding image bytes (or an HF {bytes, path} struct)
     key_column: str = "auto"  # parquet: column used as the image key (default: path, else row number)
@@ -98,9 +123,10 @@ class JobConfig:
     batch_size: int = 64  # images per model forward
     preprocess_batch_size: int = 64  # images per preprocessing task batch
     preprocess_cpus: float = 1.0  # CPUs each preprocessing task asks Ray for
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
+    dtype: str = "auto"  # auto: bf16 on GPU; on CPU bf16 only where measured faster (AMX/AVX512-BF16), else fp32
+    layout: str = "auto"  # auto: fused without GPUs, else split (decode tasks + model actors); fused: actors do both
     min_actors: int = 1  # predictor actor pool lower bound
-    max_actors: int = 1  # predictor actor pool upper bound
+    max_actors: int = 1  # predictor actor pool upper bound (fused layout: 1 = as many as the CPUs hold)
     gpus_per_actor: float = -1.0  # -1: 1 if the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0  # on CPU the actor runs torch with this many threads
     compile: bool = False  # torch.compile the model in each actor (GPU: faster after a warm-up; CPU: no gain)
@@ -120,8 +146,17 @@ class JobConfig:
         _expect(isinstance(self.input, str), "input", "a string", self.input)
         _expect(isinstance(self.output, str), "output", "a string", self.output)
         _expect(bool(self.model), "model", "a checkpoint path, URL or builtin:digits", self.model)
+        _expect(isinstance(self.prompt, tuple) and all(isinstance(p, str) and "{}" in p for p in self.prompt),
+                "prompt", "templates with {} for the label", self.prompt)
+        _expect(not (self.examples and (self.labels or self.labels_file)), "examples",
+                "either --examples (few-shot) or --labels/--labels-file (zero-shot), not both", self.examples)
+        _expect(not (self.labels and self.labels_file), "labels", "either --labels or --labels-file, not both",
+                self.labels)
+        _expect(not self.prompt or bool(self.labels or self.labels_file), "prompt",
+                "--labels or --labels-file with it (prompts are for zero-shot)", self.prompt)
         _expect(self.input_format in INPUT_FORMATS, "input_format", f"one of {INPUT_FORMATS}", self.input_format)
         _expect(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _expect(self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}", self.layout)
         for name in ("top_k", "batch_size", "preprocess_batch_size", "min_actors", "max_actors", "max_image_pixels"):
             v = getattr(self, name)
             _expect(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an integer >= 1", v)
@@ -208,6 +243,8 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if t.startswith("tuple") and isinstance(value, (list, str)):  # a job file's list, or one template
+        return tuple([value] if isinstance(value, str) else value)
     if t == "int" and isinstance(value, str):
         try:
             return int(value)

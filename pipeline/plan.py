@@ -2,18 +2,21 @@
 
     list shards (driver)  -> pending = all shards - shards committed for this model digest
     read shard (CPU task)   -> rows: image_id, source, key, bytes, shard_images, error (+1 marker row per shard)
-    preprocess (CPU task)   -> rows + tokens uint8 [N, P*P*3], width, height, status
-    classify (actor pool)   -> rows + label, score, top-k (tokens dropped)
-    LabelDatasink (writes)  -> staged Parquet files; then the driver commits a manifest per wave
+    preprocess (CPU task)   -> rows + inputs uint8 (patch tokens [N, P*P*3] or pixels [H, W, 3]), width, height, status
+    classify (actor pool)   -> rows + label, score, top-k (inputs dropped)
+    WaveCommitter (driver)  -> consumes the stream: stages Parquet files, commits a manifest per wave
 
+One Ray Data execution per run: the actors start once, and waves commit while later shards keep flowing.
 Each shard ends with one marker row that carries how many images the reader produced; the commit
 checks every shard's written rows against it, so a shard is committed whole or not at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import math
 import os
 import re
 import secrets
@@ -22,14 +25,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 
 from pipeline import ray_noise
 from pipeline.config import JobConfig, redact
 from pipeline.lease import Lease
 from pipeline.preprocess import preprocess_batch
-from pipeline.sink import STAGING_GRACE_S, LabelDatasink, commit, committed_shards, recover
-from pipeline.sources import Shard, ShardError, iter_shard, list_shards
+from pipeline.sink import STAGING_GRACE_S, committed_shards, recover
+from pipeline.sources import Shard, ShardError, iter_examples, iter_shard, list_shards
+from pipeline.waves import WaveCommitter
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +110,7 @@ def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], *, image_column: str, key_column: str, rows_per_batch: int,
                         contract: Any, max_pixels: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: shard descriptors -> batches of preprocessed rows (tokens), each shard ending in its marker.
+    """Ray Data UDF: shard descriptors -> batches of preprocessed rows (inputs), each shard ending in its marker.
 
     Reading and preprocessing compose here, in the plan, so one CPU task streams one shard; each batch
     of `rows_per_batch` images is decoded as soon as it is read.
@@ -143,17 +148,114 @@ class RunSummary:
         }
 
 
-def resolve(cfg: JobConfig) -> tuple[JobConfig, Any]:
-    """Fill in run id, date and model name; returns the resolved config and the model's description."""
-    cfg.require_io()
-    from pipeline.model import describe_model  # torch: imported where needed, see build_dataset
+@dataclass(frozen=True)
+class ModelPlan:
+    """The model a run labels with: the checkpoint (`info`), its head, and the model version (`digest`)."""
 
-    info = describe_model(cfg.model)
+    info: Any  # pipeline.models.ModelInfo
+    head: Any  # pipeline.models.Head
+    digest: str  # the model version: checkpoint files, family, contract and head (what rows are labelled under)
+
+    @property
+    def contract(self) -> Any:
+        return self.info.contract
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.head.labels
+
+    def describe(self) -> dict[str, Any]:
+        """What `--dry-run` prints about the model."""
+        labels = list(self.labels)
+        return {"family": self.info.family, "digest": self.digest, "checkpoint_digest": self.info.digest,
+                "head": self.head.kind, "score": self.head.score_meaning, "labels": len(labels),
+                "label_names": labels if len(labels) <= 50 else labels[:50] + ["..."],
+                **({"prompts": self.head.meta["prompts"]} if "prompts" in self.head.meta else {}),
+                **({"examples": self.head.meta["examples"]} if "examples" in self.head.meta else {}),
+                "contract": {**dataclasses.asdict(self.contract), "layout": self.contract.layout,
+                             "input_shape": list(self.contract.input_shape)},
+                "files": dict(self.info.files)}
+
+
+def resolve(cfg: JobConfig) -> tuple[JobConfig, ModelPlan]:
+    """Fill in run id, date and model name, and plan the model: checkpoint, head and model version."""
+    cfg.require_io()
+    # torch: imported where needed, see build_dataset
+    from pipeline.models import describe_model, model_version
+
+    info = describe_model(cfg.model, cfg.model_family)
+    head = resolve_head(cfg, info)
     return cfg.replace(
         run_id=cfg.run_id or new_run_id(),
         dt=cfg.dt or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
         model_name=cfg.model_name or info.name,
-    ), info
+    ), ModelPlan(info=info, head=head, digest=model_version(info, head.digest))
+
+
+def resolve_head(cfg: JobConfig, info: Any) -> Any:
+    """The checkpoint's classifier, a zero-shot vocabulary (--labels/--labels-file) or few-shot prototypes
+    (--examples), computed once here on the driver: the actors only run the image model."""
+    from pipeline.models import Head, ModelError, heads, text_embeddings
+
+    if cfg.labels or cfg.labels_file:
+        labels = vocabulary(cfg)
+        return heads.zero_shot(labels, list(cfg.prompt), lambda texts: text_embeddings(cfg.model, info.family, texts))
+    if cfg.examples:
+        return few_shot_head(cfg, info)
+    if not info.labels:
+        raise ModelError(f"model: expected a classifier, got a {info.family} checkpoint without one ({cfg.model!r}):"
+                         " give --labels (zero-shot, SigLIP) or --examples DIR (few-shot)")
+    return Head("classifier", info.labels)
+
+
+def vocabulary(cfg: JobConfig) -> list[str]:
+    """Zero-shot labels from --labels (comma-separated) or --labels-file (one per line), stripped, unique."""
+    from pipeline.config import ConfigError
+
+    if cfg.labels_file:
+        try:
+            with fsspec.open(cfg.labels_file, "rt", encoding="utf-8") as f:
+                raw = f.read().splitlines()
+        except OSError as e:
+            raise ConfigError(f"labels_file: expected a readable text file, got {redact(cfg.labels_file)!r}: "
+                              f"{redact(str(e))}") from e
+    else:
+        raw = cfg.labels.split(",")
+    labels = [x.strip() for x in raw if x.strip()]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if not labels or dupes:
+        raise ConfigError(f"labels: expected distinct non-empty labels, got {dupes or labels}")
+    return labels
+
+
+def few_shot_head(cfg: JobConfig, info: Any) -> Any:
+    """Prototypes from --examples: the same preprocessing and model as the run, here on the driver (fp32, CPU)."""
+    import torch
+
+    from pipeline.models import ModelError, heads, load_model
+    from pipeline.preprocess import ImageError, decode_image
+
+    bundle = load_model(cfg.model, family=info.family)
+    if bundle.digest != info.digest:
+        raise ModelError(f"model: expected checkpoint {info.digest}, got {bundle.digest}: it changed while planning")
+    labels, inputs, skipped = [], [], []
+    for label, name, data in iter_examples(cfg.examples):
+        try:
+            inputs.append(decode_image(data, info.contract, cfg.max_image_pixels)[0])
+            labels.append(label)
+        except ImageError as e:
+            skipped.append(f"{label}/{name}: {e}")
+    if skipped:
+        log.warning("examples: %d image(s) skipped: %s", len(skipped), "; ".join(skipped[:5]))
+    if not inputs:
+        raise ModelError(f"examples: expected decodable images in sub-folders of {redact(cfg.examples)!r}, got none")
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(inputs), cfg.batch_size):
+            x = torch.from_numpy(np.stack(inputs[i:i + cfg.batch_size]))  # [b, ...] uint8
+            feats.append(bundle.model.forward_features(x).float().numpy())  # [b, D]
+    names = sorted(set(labels))
+    return heads.few_shot(names, np.concatenate(feats), labels)
 
 
 def plan_shards(cfg: JobConfig, model_digest: str) -> tuple[list[Shard], list[Shard]]:
@@ -175,8 +277,32 @@ def init_ray(cfg: JobConfig) -> None:
     ray.init(address=address, **kwargs)
 
 
-def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_actor: float):
-    """The streaming plan for one wave of shards (not yet executed)."""
+def actor_threads(cfg: JobConfig) -> int:
+    """Torch threads of a predictor actor: as many as the CPUs it asked Ray for, rounded up (1.5 -> 2)."""
+    return max(1, math.ceil(cfg.cpus_per_actor))
+
+
+def pick_dtype(cfg: JobConfig, gpus_per_actor: float) -> tuple[str, str]:
+    """(dtype, why): --dtype, or for auto bf16 on a GPU, and on a CPU bf16 only where it measures faster."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "--dtype"
+    if gpus_per_actor > 0:
+        return "bfloat16", "GPU"
+    from pipeline.predict import cpu_bf16_faster
+
+    faster, why = cpu_bf16_faster(actor_threads(cfg))
+    return ("bfloat16" if faster else "float32"), why
+
+
+def build_dataset(cfg: JobConfig, shards: list[Shard], model: ModelPlan, gpus_per_actor: float,
+                  dtype: str = "float32", layout: str = "split"):
+    """The streaming plan of a run (not yet executed), in one of two layouts:
+
+    split: read+decode tasks (CPU) -> model inputs through the object store -> predictor actors (GPU or CPU);
+    fused: actors that read, decode and label whole shards themselves (CPU clusters: no inputs cross the
+           object store, and every CPU of an actor runs both decoding and the model).
+    Both emit the same stream: prediction rows and one marker row per shard.
+    """
     import ray
 
     # torch is imported here and in resolve(), not at module level: CPU workers unpickle the preprocessing
@@ -185,28 +311,83 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], contract: Any, gpus_per_a
 
     items = [{"uri": s.uri, "format": s.format} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    _bound_inflight(ds.context, cfg, contract, gpus_per_actor)
+    _bound_inflight(ds.context, cfg, model.contract, gpus_per_actor)
+    read_kwargs = {"image_column": cfg.image_column, "key_column": cfg.key_column,
+                   "rows_per_batch": cfg.preprocess_batch_size, "contract": model.contract,
+                   "max_pixels": cfg.max_image_pixels}
+    predictor_kwargs = {"model": cfg.model, "family": model.info.family, "head": model.head,
+                        "checkpoint_digest": model.info.digest, "top_k": cfg.top_k, "dtype": dtype,
+                        "embeddings": cfg.embeddings, "num_threads": actor_threads(cfg),
+                        "batch_size": cfg.batch_size, "compile": cfg.compile}
+    actors = dict(num_cpus=cfg.cpus_per_actor, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES)
+    if layout == "fused":
+        n = fused_actors(cfg)
+        return ds.map_batches(ShardLabeler, batch_size=1, batch_format="numpy",
+                              compute=ray.data.ActorPoolStrategy(min_size=n, max_size=n), num_gpus=0,
+                              fn_constructor_kwargs={"read_kwargs": read_kwargs, "predictor_kwargs": predictor_kwargs},
+                              **actors)
     # One task per shard. Two chained map_batches (read batch_size=1, preprocess batch_size=64) would be
     # fused by Ray Data into one task whose input is bundled up to the larger batch size: 64 shards per
     # task, read serially, with no overlap between reading and the model (measured: BENCHMARKS.md).
-    ds = ds.map_batches(
-        read_and_preprocess, batch_size=1, batch_format="numpy", num_cpus=cfg.preprocess_cpus,
-        max_retries=TASK_RETRIES,
-        fn_kwargs={"image_column": cfg.image_column, "key_column": cfg.key_column,
-                   "rows_per_batch": cfg.preprocess_batch_size, "contract": contract,
-                   "max_pixels": cfg.max_image_pixels},
-    )
-    threads = max(1, int(cfg.cpus_per_actor))
-    ds = ds.map_batches(
-        Predictor, batch_size=cfg.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-        num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
-        max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
-        fn_constructor_kwargs={"model": cfg.model, "top_k": cfg.top_k, "dtype": cfg.dtype,
-                               "embeddings": cfg.embeddings, "num_threads": threads, "batch_size": cfg.batch_size,
-                               "compile": cfg.compile},
-    )
-    return ds
+    ds = ds.map_batches(read_and_preprocess, batch_size=1, batch_format="numpy", num_cpus=cfg.preprocess_cpus,
+                        max_retries=TASK_RETRIES, fn_kwargs=read_kwargs)
+    return ds.map_batches(Predictor, batch_size=cfg.batch_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+                          num_gpus=gpus_per_actor, fn_constructor_kwargs=predictor_kwargs, **actors)
+
+
+def fused_actors(cfg: JobConfig) -> int:
+    """Actors of the fused layout: --max-actors if more than 1, else as many as the cluster's CPUs hold."""
+    import ray
+
+    if cfg.max_actors > 1:
+        return cfg.max_actors
+    return max(1, int(ray.cluster_resources().get("CPU", 1.0) // cfg.cpus_per_actor))
+
+
+class ShardLabeler:
+    """The fused CPU layout's actor: reads, decodes and labels one shard per call, with the model loaded once.
+
+    Decoding runs in a background thread, one batch ahead of the model (Pillow and numpy release the GIL), so
+    the actor's CPUs run the decoder and torch's threads at the same time; nothing crosses the object store
+    but the prediction rows.
+    """
+
+    def __init__(self, read_kwargs: dict[str, Any], predictor_kwargs: dict[str, Any]):
+        from pipeline.predict import Predictor
+
+        self.read_kwargs = read_kwargs
+        self.predictor = Predictor(**predictor_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[Any]:
+        for rows in _prefetched(read_and_preprocess(batch, **self.read_kwargs)):
+            yield self.predictor(rows)
+
+
+def _prefetched(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """`it`'s items, produced by a background thread up to `depth` ahead; its exceptions re-raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in it:
+                q.put((item, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            q.put((None, e))
+        q.put((done, None))
+
+    threading.Thread(target=produce, daemon=True, name="decode-ahead").start()
+    while True:
+        item, error = q.get()
+        if error is not None:
+            raise error
+        if item is done:
+            return
+        yield item
 
 
 def _bound_inflight(ctx: Any, cfg: JobConfig, contract: Any, gpus_per_actor: float) -> None:
@@ -220,7 +401,7 @@ def _bound_inflight(ctx: Any, cfg: JobConfig, contract: Any, gpus_per_actor: flo
     """
     import ray
 
-    batch = cfg.preprocess_batch_size * contract.num_patches * contract.token_dim  # bytes of tokens per batch
+    batch = cfg.preprocess_batch_size * contract.input_bytes  # bytes of model inputs per batch
     ctx.target_max_block_size = max(batch + (1 << 20), 32 << 20)  # + room for the other columns
     limits = ctx.execution_options.resource_limits
     if limits.object_store_memory not in (None, float("inf")):
@@ -236,13 +417,6 @@ def _bound_inflight(ctx: Any, cfg: JobConfig, contract: Any, gpus_per_actor: flo
     ctx.execution_options.resource_limits = limits.copy(object_store_memory=budget)
 
 
-def waves(shards: list[Shard], wave_shards: int) -> list[list[Shard]]:
-    if not shards:
-        return []
-    n = wave_shards or len(shards)
-    return [shards[i:i + n] for i in range(0, len(shards), n)]
-
-
 def run(cfg: JobConfig) -> RunSummary:
     """Label every pending shard of `cfg.input` into `cfg.output`, committing wave by wave.
 
@@ -250,26 +424,26 @@ def run(cfg: JobConfig) -> RunSummary:
     live job holds it, LeaseLost (before committing) if it expired and was taken over mid-run.
     """
     t0 = time.perf_counter()
-    cfg, info = resolve(cfg)
+    cfg, model = resolve(cfg)
     if not cfg.lease:
-        return _run_waves(cfg, info, t0, None)
+        return _run_waves(cfg, model, t0, None)
     # One leased writer per output: taken before listing pending shards, renewed before every commit.
     with Lease.acquire(cfg.output, name=LEASE_NAME, run_id=cfg.run_id, ttl_s=cfg.lease_ttl_s) as lease:
-        return _run_waves(cfg, info, t0, lease)
+        return _run_waves(cfg, model, t0, lease)
 
 
-def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> RunSummary:
+def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None) -> RunSummary:
     import ray
     from ray.data import DataContext
 
     # Finish or undo a commit a killed driver left half done, before deciding what is pending. Only the
     # lease holder may also sweep fresh staging folders (without a lease another run may still be writing).
     recover(cfg.output, staging_grace_s=0.0 if lease is not None else STAGING_GRACE_S)
-    shards, pending = plan_shards(cfg, info.digest)
-    summary = RunSummary(run_id=cfg.run_id, output=cfg.output, model=cfg.model_name, model_digest=info.digest,
+    shards, pending = plan_shards(cfg, model.digest)
+    summary = RunSummary(run_id=cfg.run_id, output=cfg.output, model=cfg.model_name, model_digest=model.digest,
                          dt=cfg.dt, shards_total=len(shards), shards_skipped=len(shards) - len(pending))
     log.info("run %s: %d shards, %d pending, model %s (%s)", cfg.run_id, len(shards), len(pending),
-             cfg.model_name, info.digest[:19])
+             cfg.model_name, model.digest[:19])
     if not pending:
         summary.seconds = time.perf_counter() - t0
         return summary
@@ -280,31 +454,36 @@ def _run_waves(cfg: JobConfig, info: Any, t0: float, lease: Lease | None) -> Run
     gpus = cfg.gpus_per_actor
     if gpus < 0:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    all_waves = waves(pending, cfg.wave_shards)
-    for k, wave in enumerate(all_waves):
-        commit_id = cfg.run_id if len(all_waves) == 1 else f"{cfg.run_id}-w{k:04d}"
-        tw = time.perf_counter()
-        sink = LabelDatasink(output=cfg.output, run_id=cfg.run_id, staging_id=commit_id,
-                             model_digest=info.digest, embeddings=cfg.embeddings)
-        ray_noise.quiet(sink.get_name())  # Ray's lines that read as failures; ours below says what was committed
+    dtype, why = pick_dtype(cfg, gpus)
+    layout = cfg.layout if cfg.layout != "auto" else ("split" if gpus else "fused")
+    log.info("run %s: %s layout, %s actors, dtype %s (%s)", cfg.run_id, layout, "GPU" if gpus else "CPU", dtype,
+             why)
+    committer = WaveCommitter(
+        output=cfg.output, run_id=cfg.run_id, model_name=cfg.model_name, model_digest=model.digest, dt=cfg.dt,
+        shards=[s.uri for s in pending], wave_size=cfg.wave_shards or len(pending), embeddings=cfg.embeddings,
+        config=cfg.to_dict(), before_commit=lease.renew if lease is not None else None,
+        stats={"family": model.info.family, "head": model.head.kind, "checkpoint_digest": model.info.digest,
+               "dtype": dtype, "dtype_reason": why, "layout": layout})
+    summary.manifests = committer.manifests  # filled as waves commit
+    ray_noise.quiet()  # Ray's lines that read as failures; the committer logs what each commit holds
+    ds = build_dataset(cfg, pending, model, gpus, dtype, layout)
+    stream = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))
+    while True:
         try:
-            build_dataset(cfg, wave, info.contract, gpus).write_datasink(sink)
+            table = next(stream, None)
         except Exception as e:  # Ray gave up (its retries are bounded): say what broke, in one line
-            raise RunFailed(f"run {cfg.run_id}: wave {k + 1}/{len(all_waves)} ({len(wave)} shards) failed, nothing "
-                            f"of it committed ({len(summary.manifests)} earlier wave(s) are): {root_cause(e)}") from e
-        seconds = time.perf_counter() - tw
-        images = sum(r["rows"] for r in sink.results)
-        if lease is not None:
-            lease.renew()  # raises LeaseLost, committing nothing, if another writer took the output over
-        manifest = commit(
-            output=cfg.output, run_id=cfg.run_id, commit_id=commit_id, model_name=cfg.model_name,
-            model_digest=info.digest, dt=cfg.dt, results=sink.results, expected_shards=[s.uri for s in wave],
-            config=cfg.to_dict(), stats={"seconds": round(seconds, 3), "wave": k, "waves": len(all_waves),
-                                         "images_per_s": round(images / seconds, 2) if seconds else 0.0},
-        )
-        summary.manifests.append(manifest)
-        counts = manifest["counts"]
-        log.info("committed %s: %d shards, %d images (%d ok, %d errors) in %.1fs", commit_id, len(wave),
-                 counts["images"], counts["ok"], counts["error"], seconds)
+            raise _failed(cfg, committer, e) from e
+        if table is None:
+            break
+        try:
+            committer.add(table)
+        except (OSError, ValueError) as e:  # staging or commit I/O of this driver
+            raise _failed(cfg, committer, e) from e
+    committer.finish()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _failed(cfg: JobConfig, committer: WaveCommitter, e: BaseException) -> RunFailed:
+    return RunFailed(f"run {cfg.run_id}: {committer.wave_label} failed, nothing of it committed "
+                     f"({len(committer.manifests)} earlier wave(s) are): {root_cause(e)}")

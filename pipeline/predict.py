@@ -1,35 +1,79 @@
-"""The predictor: a callable class that Ray Data runs as an actor pool over batches of patch tokens.
+"""The predictor: a callable class that Ray Data runs as an actor pool over batches of model inputs.
 
-One actor loads the model once and then classifies batches: uint8 tokens go to the device as they
-are (a quarter of float32's bytes), the model normalises inside its folded patch projection, and
-softmax + top-k run on the device too. On a GPU it runs bf16 with SDPA (flash) attention; on a CPU
-it runs with as many torch threads as the actor was given CPUs.
+One actor loads the model once and then labels batches: uint8 inputs (patch tokens or pixels) go to the
+device as they are (a quarter of float32's bytes), the model normalises on the device (folded into the patch
+projection, or as its first step for CNNs), and the head's scores and the top-k run on the device too. On a
+GPU it runs bf16 with SDPA (flash) attention and channels_last CNNs; on a CPU it runs with as many torch
+threads as the actor was given CPUs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.model import load_model
+from pipeline.models import Head, ModelError, load_model
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
-    """auto: bf16 on a GPU, fp32 on a CPU (bf16 on a CPU is faster but not bit-comparable)."""
+def pick_device_dtype(dtype: str, num_threads: int = 1) -> tuple[torch.device, torch.dtype]:
+    """auto: bf16 on a GPU; on a CPU bf16 only where it is measurably faster than fp32 (`cpu_bf16_faster`)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return device, torch.bfloat16
+        return device, torch.bfloat16 if cpu_bf16_faster(num_threads)[0] else torch.float32
     return device, _DTYPES[dtype]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def cpu_bf16_faster(num_threads: int = 1) -> tuple[bool, str]:
+    """(bf16 is faster than fp32 on this CPU, why). AMX: yes. AVX512-BF16: a quick matmul probe (~0.3 s) decides,
+    at the shape of a ViT-Ti MLP. Neither: no (bf16 is emulated, often many times slower)."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True, "amx_bf16"
+    if "avx512_bf16" not in flags:
+        return False, "no amx_bf16 or avx512_bf16"
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, num_threads))
+    try:
+        x, w = torch.randn(2048, 192), torch.randn(768, 192)
+        rates = {}
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = x.to(dt), w.to(dt)
+            a @ b.T  # warm up
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 0.15:
+                a @ b.T
+                n += 1
+            rates[dt] = n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    ratio = rates[torch.bfloat16] / rates[torch.float32]
+    return ratio >= 1.2, f"avx512_bf16, bf16/fp32 matmul speed {ratio:.2f}x"
 
 
 def _strings(values: Any) -> list[str | None]:
@@ -38,39 +82,55 @@ def _strings(values: Any) -> list[str | None]:
 
 
 class Predictor:
-    """Callable class for `Dataset.map_batches(Predictor, compute=ActorPoolStrategy(...))`.
+    """Callable class for `Dataset.map_batches(Predictor, compute=ActorPoolStrategy(...))`, for any model family.
 
-    GPU path: bf16 weights, SDPA restricted to the fused kernels (flash first), uint8 tokens staged
-    through two reused pinned buffers and copied with non_blocking=True (the copy of sub-batch i+1
-    overlaps the forward of sub-batch i), results gathered on the device and synchronised once per
-    Ray batch. `compile=True` wraps the forward in torch.compile; sub-batches are then padded to
-    `batch_size` so one graph serves every call.
+    The actor loads the checkpoint once and checks that its digest is the one the driver planned with (a
+    checkpoint replaced mid-run would otherwise label under the wrong model version). `head` says how features
+    become scores: the checkpoint's classifier (softmax), a zero-shot vocabulary (SigLIP sigmoid) or few-shot
+    prototypes (cosine); its weights stay on the device. The plan always passes both; without them (benchmarks,
+    tests) the checkpoint's own classifier labels and nothing is compared.
+
+    GPU path: bf16 weights, SDPA restricted to the fused kernels (flash first), CNNs channels_last, the uint8
+    batch copied to the device from pinned memory; results are gathered on the device and synchronised once
+    per Ray batch. The Ray batch is cut into forward batches of `batch_size` (equal by default).
+    `compile=True` wraps the forward in torch.compile; forward batches are then padded to `batch_size` so one
+    graph serves every call.
     """
 
-    def __init__(self, model: str, top_k: int = 5, dtype: str = "auto", embeddings: bool = False,
-                 num_threads: int = 1, batch_size: int = 64, compile: bool = False):
-        self.device, self.dtype = pick_device_dtype(dtype)
+    def __init__(self, model: str, head: Head | None = None, checkpoint_digest: str = "", family: str = "auto",
+                 top_k: int = 5,
+                 dtype: str = "auto", embeddings: bool = False, num_threads: int = 1, batch_size: int = 64,
+                 compile: bool = False):
+        self.device, self.dtype = pick_device_dtype(dtype, num_threads)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(num_threads)))
         else:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.bundle = load_model(model, device=str(self.device), dtype=self.dtype)
+        self.bundle = load_model(model, family=family, device=str(self.device), dtype=self.dtype)
+        if checkpoint_digest and self.bundle.digest != checkpoint_digest:
+            raise ModelError(f"model: expected the checkpoint the run was planned with ({checkpoint_digest}), got "
+                             f"{self.bundle.digest} at {model!r}: it changed during the run; start the run again")
         self.model = self.bundle.model.eval()
-        self.labels = np.asarray(self.bundle.labels, dtype=object)
+        if self.device.type == "cuda" and self.bundle.contract.layout == "pixels":
+            self.model = self.model.to(memory_format=torch.channels_last)  # CNNs: NHWC kernels on the GPU
+        head = head or Head("classifier", self.bundle.labels)  # None: the checkpoint's own classifier
+        self.head = head
+        self.head_weight = head.to(self.device)
+        self.labels = np.asarray(head.labels, dtype=object)
         self.top_k = min(top_k, len(self.labels))
         self.embeddings = embeddings
         self.batch_size = batch_size
         self.compiled = compile
-        self._forward = torch.compile(self._features_logits, dynamic=False) if compile else self._features_logits
-        self._pinned: list[torch.Tensor] = []  # cuda: reused page-locked staging buffers, one per slot
-        self._copied: list[Any] = [None, None]  # cuda: event marking the end of each slot's last copy
-        log.info("predictor ready: %s on %s/%s, pid %d%s", self.bundle.name, self.device, self.dtype, os.getpid(),
-                 ", compiled" if compile else "")
+        self._forward = torch.compile(self._features_scores, dynamic=False) if compile else self._features_scores
+        log.info("predictor ready: %s (%s, %s head) on %s/%s, pid %d%s", self.bundle.name, self.bundle.info.family,
+                 head.kind, self.device, self.dtype, os.getpid(), ", compiled" if compile else "")
 
-    def _features_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.model.forward_features(x)  # [b, D]
-        return f, self.model.forward_head(f).float()  # [b, D], [b, C]
+        if self.head.kind == "classifier":
+            return f, self.model.forward_head(f).float().softmax(-1)  # [b, D], [b, C]
+        return f, self.head.scores(f, self.head_weight)  # [b, D], [b, C]
 
     def _attention(self) -> contextlib.AbstractContextManager:
         """On CUDA pick flash attention first (bf16/fp16), then cuDNN and mem-efficient; math only as a fallback."""
@@ -85,49 +145,40 @@ class Predictor:
         except TypeError:  # torch < 2.6 has no priorities: the same backends in torch's default order
             return sdpa_kernel(order)
 
-    def _to_device(self, chunk: np.ndarray, slot: int) -> torch.Tensor:
-        """[b, N, P*P*3] uint8 numpy -> device tensor; on CUDA through a reused pinned buffer, asynchronously."""
-        x = torch.from_numpy(np.ascontiguousarray(chunk))  # [b, N, PPC] uint8, no copy when contiguous
+    def _to_device(self, inputs: np.ndarray) -> torch.Tensor:
+        """uint8 numpy [B, ...] -> device tensor; on CUDA copied from pinned memory, asynchronously."""
+        x = torch.from_numpy(np.ascontiguousarray(inputs))  # no copy when contiguous
         if self.device.type != "cuda":
             return x
-        if len(self._pinned) <= slot:
-            self._pinned.append(torch.empty((self.batch_size, *x.shape[1:]), dtype=torch.uint8).pin_memory())
-        if self._copied[slot] is not None:
-            self._copied[slot].synchronize()  # the previous copy out of this buffer has finished
-        staged = self._pinned[slot][:len(x)]
-        staged.copy_(x)  # pageable -> pinned: a CPU memcpy
-        out = staged.to(self.device, non_blocking=True)
-        self._copied[slot] = torch.cuda.Event()
-        self._copied[slot].record()
-        return out
+        return x.pin_memory().to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def classify(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """tokens [B, N, P*P*3] uint8 -> (top-k ids [B, k], top-k probs [B, k], embeddings [B, D] | None)."""
-        ids, probs, feats = [], [], []
+    def classify(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """inputs [B, ...] uint8 -> (top-k ids [B, k], top-k scores [B, k], embeddings [B, D] | None)."""
+        ids, scores, feats = [], [], []
         with self._attention():
-            for n, start in enumerate(range(0, len(tokens), self.batch_size)):
-                x = self._to_device(tokens[start:start + self.batch_size], n % 2)  # [b, N, PPC] uint8
+            for start in range(0, len(inputs), self.batch_size):
+                x = self._to_device(inputs[start:start + self.batch_size])  # [b, ...] uint8
                 b = len(x)
-                if self.compiled and b < self.batch_size:  # one static shape: pad the tail sub-batch
+                if self.compiled and b < self.batch_size:  # one static shape: pad the tail batch
                     x = torch.cat([x, x.new_zeros((self.batch_size - b, *x.shape[1:]))])
-                f, logits = self._forward(x)  # [b', D], [b', C]
-                p, i = logits[:b].softmax(-1).topk(self.top_k, dim=-1)  # [b, k]
+                f, s = self._forward(x)  # [b', D], [b', C]
+                s, i = s[:b].topk(self.top_k, dim=-1)  # [b, k]
                 ids.append(i)
-                probs.append(p)
+                scores.append(s)
                 if self.embeddings:
                     feats.append(f[:b].float())
         if not ids:
             return np.zeros((0, self.top_k), np.int64), np.zeros((0, self.top_k), np.float32), None
-        # One device -> host sync per Ray batch, not one per sub-batch.
+        # One device -> host sync per Ray batch, not one per forward batch.
         emb = torch.cat(feats).cpu().numpy() if self.embeddings else None
-        return torch.cat(ids).cpu().numpy(), torch.cat(probs).cpu().numpy(), emb
+        return torch.cat(ids).cpu().numpy(), torch.cat(scores).float().cpu().numpy(), emb
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         status = np.asarray(batch["status"], dtype=object)
         ok = status == "ok"
         n = len(status)
-        ids, probs, emb = self.classify(batch["tokens"][ok])
+        ids, probs, emb = self.classify(batch["inputs"][ok])
         label_id = np.full(n, -1, dtype=np.int32)
         score = np.full(n, np.nan, dtype=np.float32)
         topk_ids = [[] for _ in range(n)]

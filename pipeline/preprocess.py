@@ -1,10 +1,11 @@
-"""CPU preprocessing: image bytes -> uint8 patch tokens [N, P*P*3], following the model's contract.
+"""CPU preprocessing: image bytes -> the model's uint8 input, following the model's contract.
 
 Runs in Ray CPU tasks (the plan wires it); this module never imports ray. Work per image:
 decode (JPEG draft mode when downscaling), EXIF orientation, any mode -> RGB, resize/crop and
-interpolation from the `ImageContract`, then the one patch layout defined in `config.ImageContract`.
-Tokens stay uint8 so they cross the object store at a quarter of float32's size; normalisation
-happens on the device, folded into the model's patch projection.
+interpolation from the `ImageContract`, then the layout the contract names: patch tokens [N, P*P*3]
+for the patch-based families (ViT, DINOv2, SigLIP), pixels [H, W, 3] for the CNNs. Inputs stay uint8
+so they cross the object store at a quarter of float32's size; normalisation happens on the device
+(folded into the patch projection where that is exact, a first step of the forward pass otherwise).
 
 A bad image never raises out of `preprocess_batch`: it becomes a row with status "error" and an
 error "<code>: <message>". Codes (stable, for grouping): empty, not_an_image, unsupported_format,
@@ -72,8 +73,8 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
 def _resize_plan(w: int, h: int, contract: ImageContract) -> tuple[int, int]:
     """Size (w, h) the image is resized to before any crop, in display orientation."""
     th, tw = contract.image_size
-    if contract.resize == "squash":
-        return tw, th
+    if contract.resize == "squash":  # HF: resize to size exactly; DeiT then centre-crops (crop_pct < 1)
+        return math.floor(tw / contract.crop_pct), math.floor(th / contract.crop_pct)
     short = math.floor(min(th, tw) / contract.crop_pct)  # timm: scale_size = floor(size / crop_pct)
     if w <= h:
         return short, max(short, round(h * short / w))
@@ -156,21 +157,24 @@ def load_pixels(data: bytes, contract: ImageContract, max_pixels: int = DEFAULT_
 
 def decode_image(data: bytes, contract: ImageContract, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                  ) -> tuple[np.ndarray, int, int]:
-    """Image bytes -> (tokens [N, P*P*3] uint8, width, height). Raises ImageError."""
+    """Image bytes -> (input uint8 of `contract.input_shape`, width, height). Raises ImageError.
+
+    The input is patch tokens [N, P*P*3] for a patch contract, the pixels [H, W, 3] themselves otherwise.
+    """
     pixels, w, h = load_pixels(data, contract, max_pixels)
-    return patchify(pixels, contract.patch_size), w, h
+    return (patchify(pixels, contract.patch_size) if contract.patch_size else pixels), w, h
 
 
 def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, np.ndarray]:
-    """A batch of read rows -> the same rows with tokens, width, height, status, error (bytes dropped).
+    """A batch of read rows -> the same rows with inputs, width, height, status, error (bytes dropped).
 
     Input columns: image_id, source, key, bytes, shard_images, error. Rows with shard_images >= 0 are
     end-of-shard markers and rows with a read error already are passed through without decoding.
     """
     data = batch["bytes"]
     n = len(data)
-    tokens = np.zeros((n, contract.num_patches, contract.token_dim), dtype=np.uint8)  # [B, N, P*P*3]
+    inputs = np.zeros((n, *contract.input_shape), dtype=np.uint8)  # [B, N, P*P*3] or [B, H, W, 3]
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
     status = np.empty(n, dtype=object)
@@ -185,10 +189,10 @@ def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
             status[i] = "error"
             continue
         try:
-            tokens[i], width[i], height[i] = decode_image(data[i], contract, max_pixels)
+            inputs[i], width[i], height[i] = decode_image(data[i], contract, max_pixels)
             status[i] = "ok"
         except ImageError as e:
             status[i], error[i] = "error", str(e)
     out = {k: v for k, v in batch.items() if k != "bytes"}
-    out.update(tokens=tokens, width=width, height=height, status=status, error=error)
+    out.update(inputs=inputs, width=width, height=height, status=status, error=error)
     return out

@@ -1,4 +1,4 @@
-"""Three lines Ray prints in every run that a user reads as failures, kept out of the driver's output (nothing else).
+"""Two lines Ray prints in every run that a user reads as failures, kept out of the driver's output (nothing else).
 
 - core_worker.cc, ERROR: "Actor with class name: 'MapWorker(MapBatches(Predictor))' ... has constructor arguments
   in the object store and max_restarts > 0". Ray Data hands every actor-pool worker its DataContext and UDF as
@@ -9,14 +9,13 @@
 - RayDeprecationWarning: "`ray_remote_args` is deprecated". Ray 2.60's map_batches has no named parameter for
   max_retries, max_restarts and max_task_retries, the bounded retries the README promises: that warning, and only
   it, is ignored.
-- ray.data.dataset, INFO: "Data sink Label finished. N rows ...": N counts the end-of-shard marker rows too. The
-  plan logs the images each commit holds instead.
+(Ray Data's "Data sink ... finished. N rows" line, which counted marker rows, is gone with the datasink: the plan
+consumes the stream itself, and `waves.WaveCommitter` logs the images each commit holds.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import warnings
@@ -25,26 +24,11 @@ from collections.abc import Iterator
 _actor_warning_spent = False
 
 
-class _SinkRowsFilter(logging.Filter):
-    """Drops Ray Data's row count of our sink: it counts marker rows as written rows."""
-
-    def __init__(self, sink_name: str):
-        super().__init__()
-        self.sink_name = sink_name
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (str(record.msg).startswith("Data sink %s finished.") and record.args
-                    and record.args[0] == self.sink_name)
-
-
-def quiet(sink_name: str) -> None:
+def quiet() -> None:
     """Call after ray.init, before the first dataset runs; every run (test harnesses reset warning filters)."""
     from ray.util.annotations import RayDeprecationWarning
 
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
-    logger = logging.getLogger("ray.data.dataset")
-    if not any(isinstance(f, _SinkRowsFilter) for f in logger.filters):
-        logger.addFilter(_SinkRowsFilter(sink_name))
     _spend_actor_warning()
 
 

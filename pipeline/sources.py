@@ -748,6 +748,25 @@ def _iter_folder(uri: str) -> Iterator[Record]:
         yield Record(name, data)
 
 
+def iter_examples(url: str) -> Iterator[tuple[str, str, bytes]]:
+    """Few-shot examples: (label, file name, bytes) for each image file in each sub-folder of `url`, the
+    sub-folder's name being the label; sorted, names starting with '_' or '.' ignored."""
+    fs, path = _url_to_fs(url)
+    try:
+        folders = sorted(e["name"].rstrip("/") for e in fs.ls(path, detail=True) if e.get("type") == "directory")
+    except Exception as e:
+        raise SourceError(f"examples: expected a folder of label sub-folders, got {_redact(url)!r}: "
+                          f"{redact(str(e))}") from e
+    folders = [f for f in folders if not _ignored(posixpath.basename(f))]
+    if not folders:
+        raise SourceError(f"examples: expected one sub-folder of images per label in {_redact(url)!r}, got none")
+    for folder in folders:
+        label = posixpath.basename(folder)
+        for rec in _iter_folder(fs.unstrip_protocol(folder)):
+            if rec.data is not None:
+                yield label, rec.key, rec.data
+
+
 # ---------------------------------------------------------------------------------------------------------
 # writing (tests, demo, benchmarks)
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, JobConfig
-from pipeline.model import load_model
+from pipeline.models import load_model
 from pipeline.plan import run
 from pipeline.preprocess import DECODED_FORMATS, ImageError, decode_image
 from pipeline.sources import write_webdataset

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs.train_digits import digits_split
-from pipeline.model import describe_model, load_model
+from pipeline.models import describe_model, load_model
 from pipeline.preprocess import decode_image
 
 

@@ -114,17 +114,21 @@ def assert_exactly_once(out: str, ids: set[str]) -> None:
 
 
 @pytest.mark.slow
-def test_predictor_actor_killed_three_times(ray_local, tmp_path, pngs):
+@pytest.mark.parametrize("layout,actor", [("split", "Predictor"), ("fused", "ShardLabeler")])
+def test_predictor_actor_killed_three_times(ray_local, tmp_path, pngs, layout, actor):
+    """The model's actor SIGKILLed mid-batch 3 times, in both layouts: split (predictor actors behind decode
+    tasks) and fused (actors that read, decode and label whole shards; a shard in flight is read again)."""
     ids = write_shards(str(tmp_path / "in"), pngs, shards=20, per=300)
     # Ray titles an actor process "<class>.<method>" while it runs that method: kill it mid-batch.
-    killer = Killer(lambda cmd: "Predictor" in cmd and cmd.split()[0].endswith(".submit"), times=3, after_s=0.05)
+    killer = Killer(lambda cmd: actor in cmd and cmd.split()[0].endswith(".submit"), times=3, after_s=0.05)
     killer.start()
     try:
-        summary = run(cfg(str(tmp_path / "in"), str(tmp_path / "out")))
+        summary = run(cfg(str(tmp_path / "in"), str(tmp_path / "out"), layout=layout, wave_shards=5))
     finally:
         killer.done.set()
     assert len(killer.killed) == 3, "the run ended before the actor was killed 3 times: give it more images"
     assert summary.counts["images"] == len(ids) == 6000 and summary.counts["error"] == 0
+    assert len(summary.manifests) == 4 and {m["stats"]["layout"] for m in summary.manifests} == {layout}
     assert_exactly_once(str(tmp_path / "out"), ids)
 
 
@@ -135,7 +139,7 @@ def test_preprocessing_worker_killed(ray_local, tmp_path, pngs):
     killer = Killer(is_reader, times=2, after_s=0.3)
     killer.start()
     try:
-        summary = run(cfg(str(tmp_path / "in"), str(tmp_path / "out")))
+        summary = run(cfg(str(tmp_path / "in"), str(tmp_path / "out"), layout="split"))
     finally:
         killer.done.set()
     assert len(killer.killed) == 2, "the run ended before a preprocessing worker was killed twice"

@@ -1,4 +1,4 @@
-"""pipeline.model against the reference implementations: transformers' ViT and the conv patch embedding.
+"""The ViT family (pipeline.models.vit) against the references: transformers' ViT and the conv patch embedding.
 
 A tiny seeded HF ViTForImageClassification is the oracle: it gets normalised NCHW pixels, our ViT gets
 the same images as uint8 patch tokens, and the logits must agree in fp32.
@@ -18,17 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ImageContract
-from pipeline.model import (
-    ModelError,
-    ViT,
-    ViTConfig,
-    conv_to_linear,
-    describe_model,
-    fold_normalization,
-    load_model,
-    save_checkpoint,
-    unfold_normalization,
-)
+from pipeline.models import ModelError, describe_model, load_model
+from pipeline.models.layers import conv_to_linear, fold_normalization, unfold_normalization
+from pipeline.models.vit import ViT, ViTConfig
+from pipeline.models.vit_ckpt import save_checkpoint
 from pipeline.preprocess import patchify
 
 transformers = pytest.importorskip("transformers")
@@ -89,7 +82,7 @@ def hf_logits(model, px: np.ndarray, mean=MEAN, std=STD) -> torch.Tensor:
 
 
 def hf_to_timm_by_hand(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Independent of pipeline.model: transformers' on-disk names -> timm's vision_transformer names."""
+    """Independent of pipeline.models: transformers' on-disk names -> timm's vision_transformer names."""
     out = {
         "cls_token": sd["vit.embeddings.cls_token"],
         "pos_embed": sd["vit.embeddings.position_embeddings"],
@@ -199,7 +192,7 @@ def test_timm_state_dict_with_sidecar_json(tmp_path, image_size):
     with torch.no_grad():
         diff = bundle.model(tokens_of(px, 8)) - hf_logits(hf, px)
     assert diff.abs().max().item() < TOL
-    assert describe_model(spec).config == bundle.model.cfg
+    assert describe_model(spec).arch == bundle.model.cfg
 
 
 def test_timm_pth_without_metadata_uses_defaults(tmp_path):
@@ -246,19 +239,28 @@ def test_save_checkpoint_keeps_a_timm_contract_exact(tmp_path):
         assert (again.model(tok) - model.eval()(tok)).abs().max().item() < TOL
 
 
-def test_digest_is_sha256_of_the_weights_file(tmp_path):
+def test_digest_covers_every_file_that_decides_a_prediction(tmp_path):
     make_hf(tmp_path / "a", (32, 32), 8, seed=0)
     make_hf(tmp_path / "b", (32, 32), 8, seed=0)
     make_hf(tmp_path / "c", (32, 32), 8, seed=1)
-    raw = (tmp_path / "a" / "model.safetensors").read_bytes()
     a = describe_model(str(tmp_path / "a"))
-    assert a.digest == "sha256:" + hashlib.sha256(raw).hexdigest()
+    files = dict(a.files)
+    assert set(files) == {"config.json", "preprocessor_config.json", "model.safetensors"}
+    raw = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert files["model.safetensors"] == "sha256:" + hashlib.sha256(raw).hexdigest()
     assert a.digest == load_model(str(tmp_path / "a")).digest == describe_model(str(tmp_path / "b")).digest
     assert describe_model(str(tmp_path / "c")).digest != a.digest
     sd = load_file(tmp_path / "a" / "model.safetensors")
     sd["classifier.bias"] = sd["classifier.bias"] + 1e-3
     save_file(sd, tmp_path / "a" / "model.safetensors", metadata={"format": "pt"})
     assert describe_model(str(tmp_path / "a")).digest != a.digest
+    # Labels (config.json) and preprocessing (preprocessor_config.json) are part of the version too.
+    for name, edit in (("config.json", lambda c: {**c, "id2label": {**c["id2label"], "0": "lion"}}),
+                       ("preprocessor_config.json", lambda c: {**c, "resample": 2})):
+        path = tmp_path / "b" / name
+        before = describe_model(str(tmp_path / "b")).digest
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+        assert describe_model(str(tmp_path / "b")).digest != before, name
 
 
 def test_fsspec_urls(tmp_path):
@@ -294,7 +296,7 @@ def test_dtype_and_device(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(ModelError, match="expected a checkpoint directory with config.json"):
+    with pytest.raises(ModelError, match="expected a checkpoint directory"):
         load_model(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="config.json"):

@@ -9,7 +9,7 @@ import pytest
 from _digits import png_bytes
 
 from pipeline.config import JobConfig
-from pipeline.model import load_model
+from pipeline.models import load_model
 from pipeline.plan import run
 from pipeline.preprocess import decode_image
 from pipeline.sources import write_webdataset

@@ -129,5 +129,5 @@ def test_truncated_jpeg_is_an_error_row_not_a_crash():
     out = preprocess_batch(batch, C)
     assert list(out["status"]) == ["ok", "error", "error", "marker"]
     assert out["error"][1].startswith("decode_error") and out["error"][2] == "no_image: x"
-    assert "bytes" not in out and out["tokens"].shape == (4, 16, 192)
+    assert "bytes" not in out and out["inputs"].shape == (4, 16, 192)
     assert out["width"][0] == 256 and out["width"][1] == -1
