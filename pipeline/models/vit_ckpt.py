@@ -119,7 +119,8 @@ def timm_to_ours(sd: dict[str, torch.Tensor], cfg: ViTConfig, contract: ImageCon
 
 def recognise(ck: Checkpoint) -> bool:
     if ck.config is not None:
-        return ck.config.get("model_type", "vit") == "vit" and "ViTMAEModel" not in ck.config.get("architectures", [])
+        return (ck.config.get("model_type", "vit") == "vit" and "architecture" not in ck.config  # timm hub dir
+                and "ViTMAEModel" not in ck.config.get("architectures", []))
     return ck.is_file and {"patch_embed.proj.weight", "pos_embed", "cls_token"} <= set(ck.shapes())
 
 
