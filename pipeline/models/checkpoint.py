@@ -24,7 +24,7 @@ import torch
 
 from pipeline.config import INTERPOLATIONS, ImageContract
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".th")  # .th: the CIFAR ResNets' own files
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -294,3 +294,25 @@ def _hf_processor_contract(p: dict[str, Any], image_size: tuple[int, int] | None
     return ImageContract(image_size=out, patch_size=patch_size, resize=resize, crop_pct=crop_pct,
                          interpolation=interpolation(p.get("resample", default_resample), where),
                          mean=tuple(round(m / scale, 12) for m in mean), std=tuple(round(s / scale, 12) for s in std))
+
+
+def sidecar(ck: Checkpoint) -> tuple[dict[str, Any], str]:
+    """The checkpoint's metadata JSON ({} if none) and its name: config.json of a directory, else the first of
+    `<file>.json`, `<stem>.json`, `config.json` beside the weights file."""
+    if ck.is_dir:
+        return ck.config or {}, ck.where("config.json")
+    base = posixpath.basename(ck.root)
+    for candidate in (f"{base}.json", f"{base.rsplit('.', 1)[0]}.json", "config.json"):
+        found = ck.json(candidate)
+        if found is not None:
+            return found, candidate
+    return {}, f"{base}.json"
+
+
+def timm_contract(pre: dict[str, Any], hw: tuple[int, int], patch: int, where: str) -> ImageContract:
+    """timm's pretrained_cfg (defaults where absent: ImageNet mean/std, bicubic, crop_pct 0.9) -> ImageContract."""
+    squash = pre.get("crop_mode", "center") == "squash"
+    return ImageContract(image_size=hw, patch_size=patch, resize="squash" if squash else "shortest",
+                         crop_pct=1.0 if squash else float(pre.get("crop_pct", 0.9)),
+                         interpolation=interpolation(pre.get("interpolation", "bicubic"), where),
+                         mean=tuple(pre.get("mean", IMAGENET_MEAN)), std=tuple(pre.get("std", IMAGENET_STD)))

@@ -11,7 +11,6 @@ import math
 import posixpath
 import re
 from dataclasses import asdict
-from typing import Any
 
 import fsspec
 import safetensors.torch
@@ -20,17 +19,15 @@ import torch
 from pipeline.config import ImageContract
 from pipeline.models.checkpoint import (
     HF_RESAMPLE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Checkpoint,
     ModelError,
     hf_contract,
     hf_labels,
     hf_name,
-    interpolation,
     label_names,
     pair,
     sanitize,
+    timm_contract,
 )
 from pipeline.models.layers import conv_to_linear, fold_normalization, linear_to_conv, unfold_normalization
 from pipeline.models.registry import Family, ModelInfo
@@ -214,15 +211,6 @@ def _describe_timm(ck: Checkpoint) -> ModelInfo:
         raise ModelError(f"model: expected consistent timm ViT metadata for {spec!r}, got {e}") from e
     return ModelInfo(family="vit", name=sanitize(meta.get("vitlabel_name") or ck.name), digest="", contract=contract,
                      labels=label_names(pre.get("label_names"), n_classes, "class_", meta_path), arch=config)
-
-
-def timm_contract(pre: dict[str, Any], hw: tuple[int, int], patch: int, where: str) -> ImageContract:
-    """timm's pretrained_cfg (defaults where absent: ImageNet mean/std, bicubic, crop_pct 0.9) -> ImageContract."""
-    squash = pre.get("crop_mode", "center") == "squash"
-    return ImageContract(image_size=hw, patch_size=patch, resize="squash" if squash else "shortest",
-                         crop_pct=1.0 if squash else float(pre.get("crop_pct", 0.9)),
-                         interpolation=interpolation(pre.get("interpolation", "bicubic"), where),
-                         mean=tuple(pre.get("mean", IMAGENET_MEAN)), std=tuple(pre.get("std", IMAGENET_STD)))
 
 
 def save_checkpoint(model: ViT, contract: ImageContract, labels: tuple[str, ...] | list[str], path: str,
