@@ -118,7 +118,8 @@ def recognise(ck: Checkpoint) -> bool:
     if ck.config is not None:
         return (ck.config.get("model_type", "vit") == "vit" and "architecture" not in ck.config  # timm hub dir
                 and "ViTMAEModel" not in ck.config.get("architectures", []))
-    return ck.is_file and {"patch_embed.proj.weight", "pos_embed", "cls_token"} <= set(ck.shapes())
+    shapes = set(ck.shapes()) if ck.is_file else set()
+    return {"patch_embed.proj.weight", "pos_embed", "cls_token"} <= shapes and "blocks.0.ls1.gamma" not in shapes
 
 
 def describe(ck: Checkpoint) -> ModelInfo:
