@@ -25,29 +25,15 @@ def free_port() -> int:
 def s3_server():
     """Start moto's server mode once; yields its endpoint URL. Env is set for boto3, s3fs, pyarrow.
 
-    The server answers through `_s3faults.FaultyApp`: with no rules (the default) it is plain moto."""
+    The server answers through `_s3faults.FaultyApp`: with no rules (the default) it is plain moto. The launcher
+    is the benchmark's (`jobs.bench.s3server`), here in this process so that fault rules set by a test reach it."""
     from _s3faults import FaultyMotoServer
 
-    port = free_port()
-    server = FaultyMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing-key-id",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    from jobs.bench.s3server import moto_server
+
+    with moto_server(in_process=True, server_class=FaultyMotoServer, key_id="testing-key-id",
+                     secret="testing-secret-key") as server:
+        yield server.endpoint
 
 
 @pytest.fixture()

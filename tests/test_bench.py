@@ -1,11 +1,14 @@
-"""`vitlabel bench --quick` on tiny sizes: every figure is present and sane (no timing thresholds).
+"""`vitlabel bench` (jobs/bench/): every figure is present and sane at tiny sizes (no timing thresholds).
 
-Runs the CLI in a child process: the bench starts and stops its own local Rays and S3 server, which
-must not meet the session-wide Ray of the other tests.
+The bench runs as the CLI in a child process: it starts and stops its own local Rays and S3 server, which must
+not meet the session-wide Ray of the other tests. Every measured job starts a Ray of its own (about ten of them
+for the whole suite), so the full `--quick` smoke is marked slow; `--family vit`, the settings, the machine
+section and the shared moto launcher are not.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,55 +17,176 @@ from pathlib import Path
 
 import pytest
 
+from jobs.bench.machine import BF16_FLAGS, cpu_info
+from jobs.bench.s3server import moto_server
+from jobs.bench.settings import FAMILIES, add_arguments, settings_from_args
+
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--unique-images", "24", "--shard-images", "24", "--seconds", "0.5", "--batch-size", "16"]
 
 
 @pytest.fixture(scope="module")
-def bench_result(tmp_path_factory) -> dict:
-    work = tmp_path_factory.mktemp("bench")
-    out = work / "bench.json"
-    cmd = [sys.executable, "-m", "jobs.cli", "-q", "bench", "--quick", "--workdir", str(work / "w"), "--out", str(out),
-           "--sizes", "48,96", "--compare-size", "96", "--unique-images", "24", "--shard-images", "24",
-           "--seconds", "0.5", "--batch-size", "16", "--skip", "all-cpus"]
+def workdir(tmp_path_factory) -> Path:
+    """One workdir for the module: the corpus and the ViT checkpoint are made once and reused."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def run_bench(workdir: Path, name: str, *args: str, timeout: float = 600) -> tuple[dict, str]:
+    out = workdir / f"{name}.json"
+    cmd = [sys.executable, "-m", "jobs.cli", "-q", "bench", "--quick", "--workdir", str(workdir / "w"),
+           "--out", str(out), *TINY, *args]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     for k in [k for k in env if k.startswith("AWS_") or k == "RAY_ADDRESS"]:
-        env.pop(k)  # the bench sets its own S3 endpoint, and starts its own local Ray
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        env.pop(k)  # the bench sets its own S3 endpoint, and starts its own local Rays
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "end-to-end, local shards" in proc.stdout
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
 
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and x > 0
 
 
-def test_every_figure_is_present_and_sane(bench_result):
-    r = bench_result
-    assert r["machine"]["cpus"] >= 1 and r["config"]["model_size"] == "tiny"
+def _sane_run(v: dict, images: int, name: str) -> None:
+    assert v["images"] == images, name
+    assert _positive(v["seconds"]) and _positive(v["images_per_s"]), name
+    assert _positive(v["peak_rss_mb"]), name
+    assert v["peak_pss_mb"] is None or 0 < v["peak_pss_mb"] <= v["peak_rss_mb"], name
+
+
+def _sane_machine(m: dict) -> None:
+    assert m["cpus"] >= 1 and m["cpu_info"]["model"]
+    assert set(m["cpu_info"]["bf16_flags"]) == set(BF16_FLAGS)
+    assert isinstance(m["cpu_info"]["bf16_fast"], bool) and m["cpu_info"]["bf16_note"]
+
+
+# --- the ViT suite --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def suite(workdir) -> tuple[dict, str]:
+    return run_bench(workdir, "suite", "--sizes", "24,48", "--compare-size", "48", "--wave-corpus", "4x4",
+                     "--skip", "all-cpus")
+
+
+@pytest.mark.slow
+def test_every_figure_is_present_and_sane(suite):
+    r, stdout = suite
+    assert "end-to-end, local shards" in stdout and "CPU: " in stdout and "wave cost" in stdout
+    _sane_machine(r["machine"])
+    assert r["config"]["model_size"] == "tiny" and r["config"]["dtype"] in ("bfloat16", "float32")
     assert r["corpus"]["distinct_photos"] == 24 and 300 <= r["corpus"]["mean_width"] <= 1024
     assert _positive(r["decode"]["images_per_s_per_core"]) and _positive(r["decode"]["ray_docs_images_per_s_per_core"])
     assert _positive(r["model_only"]["bound_images_per_s"]) and _positive(r["model_only"]["all_cpus_images_per_s"])
-    for name in ("e2e_local", "e2e_s3", "ray_docs", "plain_loop"):
-        v = r["variants"][name]
-        assert v["images"] == 96, name
-        assert _positive(v["seconds"]) and _positive(v["images_per_s"]), name
-        assert _positive(v["peak_rss_mb"]), name
-        assert v["peak_pss_mb"] is None or 0 < v["peak_pss_mb"] <= v["peak_rss_mb"], name
+    for name in ("e2e_local", "e2e_s3", "e2e_default", "ray_docs", "plain_loop"):
+        _sane_run(r["variants"][name], 48, name)
+    assert "ImageClassifier" in r["variants"]["ray_docs"]["plan"]  # the transformers pipeline actor ran
+    default = r["variants"]["e2e_default"]
+    assert default["layout"] == "default" and default["plan_layout"] in ("split", "fused")
+    assert _positive(default["wall_seconds"]) and default["wall_seconds"] >= default["seconds"]
+    [loop] = r["run_vs_plain_loop"]
+    assert loop["images"] == 48 and _positive(loop["ratio"]) and loop["target"] is None
+    w = r["waves"]
+    assert (w["shards"], w["images_per_shard"]) == (4, 4)
+    _sane_run(w["wave_shards_0"], 16, "wave 0")
+    _sane_run(w["wave_shards_2"], 16, "wave 2")
+    assert (w["wave_shards_0"]["commits"], w["wave_shards_2"]["commits"]) == (1, 2)
     for key in ("e2e_vs_model_bound", "e2e_compare_size_vs_model_bound", "e2e_vs_model_all_cpus",
-                "e2e_s3_vs_model_bound", "e2e_vs_ray_docs",
-                "e2e_vs_plain_loop", "seconds_per_image_growth", "peak_memory_growth", "steady_e2e_vs_model_bound"):
+                "e2e_s3_vs_model_bound", "e2e_vs_ray_docs", "e2e_vs_plain_loop", "run_vs_plain_loop", "wave_cost",
+                "seconds_per_image_growth", "peak_memory_growth", "steady_e2e_vs_model_bound"):
         assert key in r["ratios"], key
-    for key in ("e2e_vs_model_bound", "e2e_vs_ray_docs", "e2e_vs_plain_loop", "peak_memory_growth"):
+    for key in ("e2e_vs_model_bound", "e2e_vs_ray_docs", "e2e_vs_plain_loop", "run_vs_plain_loop", "wave_cost",
+                "peak_memory_growth"):
         assert _positive(r["ratios"][key]), key
     assert set(r["targets"]) == {"e2e >= 0.85 x model-only bound", "e2e >= 1.5 x Ray docs pattern",
-                                 "peak memory flat (<= 1.25x from smallest to largest)"}
+                                 "peak memory flat (<= 1.25x from smallest to largest)",
+                                 "wave cost (--wave-shards 2 / 0) <= 1.1"}
 
 
-def test_scaling_rows_cover_every_size(bench_result):
-    rows = bench_result["scaling"]
-    assert [x["images"] for x in rows] == [48, 96]
+@pytest.mark.slow
+def test_scaling_rows_cover_every_size(suite):
+    r, _ = suite
+    rows = r["scaling"]
+    assert [x["images"] for x in rows] == [24, 48]
     for x in rows:
         assert _positive(x["seconds_per_1k"]) and _positive(x["mb_per_1k_images"]) and _positive(x["images_per_s"])
-    assert rows[1] == {**bench_result["variants"]["e2e_local"], **{k: rows[1][k] for k in
-                                                                     ("seconds_per_1k", "mb_per_1k_images")}}
+    assert rows[1] == {**r["variants"]["e2e_local"], **{k: rows[1][k] for k in ("seconds_per_1k", "mb_per_1k_images")}}
+
+
+# --- families -------------------------------------------------------------------------------------------
+
+
+def _sane_family(x: dict, name: str) -> None:
+    assert x["status"] == "ok", x
+    for key in ("decode_images_per_s_per_core", "decode_bound_images_per_s", "model_only_images_per_s",
+                "e2e_vs_model_only", "e2e_vs_slower_bound"):
+        assert _positive(x[key]), (name, key)
+    _sane_run(x["e2e"], 24, name)
+    assert x["slower_bound"] in ("model-only", "decode") and x["head"] == "classifier"
+
+
+def test_family_vit(workdir):
+    r, stdout = run_bench(workdir, "family-vit", "--family", "vit", "--family-images", "24")
+    _sane_machine(r["machine"])
+    assert list(r["families"]) == ["vit"] and "e2e/slower" in stdout
+    _sane_family(r["families"]["vit"], "vit")
+    assert r["families"]["vit"]["input"]["layout"] == "patches"
+
+
+@pytest.mark.slow
+def test_family_cnns(workdir):
+    """MobileNetV2 and ResNet-50 at full size, random weights, 24 images; a family not registered is skipped."""
+    from pipeline.models import families
+
+    r, _ = run_bench(workdir, "family-cnn", "--family", "mobilenetv2,resnet50", "--family-images", "24")
+    for name in ("mobilenetv2", "resnet50"):
+        x = r["families"][name]
+        if FAMILIES[name] not in families():
+            assert x["status"] == "skipped"
+            continue
+        _sane_family(x, name)
+        assert x["input"]["layout"] == "pixels" and x["input"]["shape"] == [224, 224, 3]
+
+
+# --- settings, machine, the shared S3 launcher (no Ray) -------------------------------------------------
+
+
+def _settings(*argv: str):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return settings_from_args(p.parse_args(list(argv)))
+
+
+def test_settings(tmp_path):
+    s = _settings("--quick", "--workdir", str(tmp_path))
+    assert (s.compare_size, s.loop_sizes, s.wave_shards_total, s.families) == (300, [300], 8, [])
+    assert {"all-cpus", "bound-again"} <= s.skip
+    s = _settings("--workdir", str(tmp_path), "--family", "ResNet-50,siglip-b16,vit", "--dtype", "float32")
+    assert s.families == ["resnet50", "siglip", "vit"] and s.dtype == "float32"
+    assert (s.compare_size, s.loop_sizes, s.wave_shards_total, s.wave_shard_images) == (3000, [3000, 20000], 40, 25)
+    assert _settings("--family", "all").families == list(FAMILIES)
+    auto = _settings("--device", "cpu")
+    assert auto.dtype == ("bfloat16" if cpu_info()["bf16_fast"] else "float32") and auto.dtype_reason.startswith("auto")
+    for bad in (["--family", "alexnet"], ["--wave-corpus", "40"], ["--skip", "everything"], ["--sizes", "1k"]):
+        with pytest.raises(SystemExit, match="expected"):
+            _settings(*bad)
+
+
+def test_cpu_info_reads_lscpu():
+    info = cpu_info()
+    assert info["model"] and set(info["bf16_flags"]) == set(BF16_FLAGS)
+    assert info["bf16_fast"] == (info["bf16_flags"]["amx_bf16"] or info["bf16_flags"]["avx512_bf16"]
+                                 or "ARM" in info["bf16_note"])
+
+
+def test_moto_launcher_child_process_sets_and_restores_env():
+    import boto3
+
+    before = os.environ.get("AWS_ENDPOINT_URL")
+    with moto_server() as s3:
+        assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint and s3.pid != os.getpid()
+        client = boto3.client("s3", endpoint_url=s3.endpoint)
+        client.create_bucket(Bucket="launcher-test")
+        client.put_object(Bucket="launcher-test", Key="k", Body=b"x")
+        assert client.get_object(Bucket="launcher-test", Key="k")["Body"].read() == b"x"
+    assert os.environ.get("AWS_ENDPOINT_URL") == before

@@ -1,0 +1,212 @@
+"""The ViT suite: one corpus, one model, one dtype, one batch size, one Ray CPU count, every variant.
+
+    decode       ours (measure.measure_decode) and the Ray docs' per-image work (peers), per core
+    model-only   the job layout's bound, the all-CPU layout's, and one actor with every thread
+    e2e          pipeline.plan.run over local shards and over S3 (moto) shards, in each layout
+    ray-docs     Ray's documented transformers-pipeline example, in each layout (peers)
+    plain-loop   the plain transformers loop (peers) against `vitlabel run`, at --compare-size and --loop-sizes
+    waves        the same small shards with --wave-shards 2 and 0: what committing in waves costs
+    scaling      e2e over --sizes: seconds and peak memory per image, and a start-up + steady-rate fit
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from typing import Any
+
+import numpy as np
+
+from jobs.bench.corpus import upload
+from jobs.bench.families import ensure_checkpoint
+from jobs.bench.harness import bench_session, in_job_process
+from jobs.bench.measure import ModelSpec, e2e_job, measure_decode, model_inputs, model_only_job
+from jobs.bench.peers import measure_docs_decode, plain_loop_job, ray_docs_job
+from jobs.bench.s3server import moto_server
+from jobs.bench.settings import Layout, Settings
+
+log = logging.getLogger(__name__)
+
+S3_BUCKET = "bench"
+# `vitlabel run` (job layout, whole wall time) against the plain loop: the targets of the issue, by size.
+LOOP_TARGETS = {3000: 1.0, 20000: 1.15}
+WAVE_TARGET = 1.10
+
+
+def run_bench(s: Settings, argv: list[str] | None = None) -> dict[str, Any]:
+    with bench_session(s, argv) as (result, corpus, scratch):
+        _suite(s, result, corpus, scratch)
+    return result
+
+
+def _suite(s: Settings, result: dict[str, Any], corpus: Any, scratch: Any) -> None:
+    from pipeline.models import describe_model
+
+    model = ensure_checkpoint("vit", s)
+    spec = ModelSpec(model, "vit")
+    contract = describe_model(model, "vit").contract
+    layouts = [s.layout] + ([s.all_cpus_layout] if s.all_cpus_layout else [])
+    compare_shards = corpus.shards(s.compare_size)
+
+    log.info("bench: decode per core")
+    result["decode"] = {"images_per_s_per_core": measure_decode(corpus, contract, s.seconds),
+                        "ray_docs_images_per_s_per_core": measure_docs_decode(corpus, model, s.seconds)}
+    inputs = model_inputs(corpus, contract, s.batch_size)
+    timed = list(layouts)
+    if s.all_cpus_layout:
+        timed.append(Layout("one-actor-all-threads", 1, float(s.num_cpus), s.num_cpus, 0.0, 0.0))
+    log.info("bench: model-only for %s", [x.name for x in timed])
+    rows = in_job_process(model_only_job, s, spec, inputs, timed)["layouts"]
+
+    runs: dict[tuple[str, int], dict[str, Any]] = {}  # (layout, images) -> e2e on local shards (each run once)
+
+    def e2e_at(n: int, lay: Layout | None = s.layout) -> dict[str, Any]:
+        """e2e on n images of local shards: in `lay`, or with `vitlabel run`'s default layout (None)."""
+        key = (lay.name if lay else "default", n)
+        if key not in runs:
+            log.info("bench: e2e on local shards, %s layout, %d images", key[0], n)
+            out = scratch / f"e2e-{key[0]}-{n}"
+            runs[key] = in_job_process(e2e_job, s, lay, spec, str(corpus.shards(n)), str(out))
+            shutil.rmtree(out, ignore_errors=True)
+        return runs[key]
+
+    variants: dict[str, Any] = {}
+    s3 = moto_server() if "s3" not in s.skip else contextlib.nullcontext(None)
+    with s3 as server:
+        for lay in layouts:
+            suffix = "" if lay is s.layout else f"_{lay.name.replace('-', '_')}"
+            variants["e2e_local" + suffix] = e2e_at(s.compare_size, lay)
+            if "ray-docs" not in s.skip:
+                log.info("bench: Ray docs pattern, %s, %d images", lay.name, s.compare_size)
+                variants["ray_docs" + suffix] = in_job_process(ray_docs_job, s, lay, model,
+                                                               corpus.files(s.compare_size),
+                                                               scratch / f"ray-docs{suffix}")
+        if server is not None:
+            log.info("bench: e2e on S3 shards (%s), %d images", server.endpoint, s.compare_size)
+            url = f"s3://{S3_BUCKET}/shards/n{s.compare_size}"
+            upload(compare_shards, url)
+            variants["e2e_s3"] = in_job_process(e2e_job, s, s.layout, spec, url, f"s3://{S3_BUCKET}/tables/e2e")
+    variants["e2e_default"] = e2e_at(s.compare_size, None)
+    loops = []
+    if "plain-loop" not in s.skip:
+        for n in s.loop_sizes:
+            log.info("bench: plain transformers loop, %d images", n)
+            loop = in_job_process(plain_loop_job, s, model, corpus.shards(n), scratch / f"plain-loop-{n}")
+            shutil.rmtree(scratch / f"plain-loop-{n}", ignore_errors=True)
+            if n == s.compare_size:
+                variants["plain_loop"] = loop
+            run = e2e_at(n, None)
+            loops.append({"images": n, "run_wall_seconds": run["wall_seconds"],
+                          "run_images_per_s": run["wall_images_per_s"], "loop_seconds": loop["seconds"],
+                          "loop_images_per_s": loop["images_per_s"], "loop_peak_pss_mb": loop["peak_pss_mb"],
+                          "ratio": _div(run["wall_images_per_s"], loop["images_per_s"]),
+                          "target": LOOP_TARGETS.get(n)})
+    if "waves" not in s.skip:
+        result["waves"] = wave_cost(s, spec, corpus, scratch)
+    if "bound-again" not in s.skip:
+        # The model-only bound once more, after the side-by-side jobs: on a shared machine the larger one counts.
+        log.info("bench: model-only for %s, again", s.layout.name)
+        again = in_job_process(model_only_job, s, spec, inputs, [s.layout])["layouts"][0]
+        rows[0]["images_per_s_first"] = rows[0]["images_per_s"]
+        rows[0]["images_per_s_again"] = again["images_per_s"]
+        rows[0]["images_per_s"] = max(rows[0]["images_per_s"], again["images_per_s"])
+    bounds = {r["layout"]: r["images_per_s"] for r in rows}
+    result["model_only"] = {"bound_images_per_s": bounds[s.layout.name], "layouts": rows,
+                            "all_cpus_images_per_s": max(bounds.values())}
+    scaling: list[dict[str, Any]] = []
+    if "scaling" not in s.skip:
+        for n in s.sizes:
+            row = dict(e2e_at(n))
+            row["seconds_per_1k"] = round(row["seconds"] / row["images"] * 1000, 3)
+            mem = row["peak_pss_mb"] if row["peak_pss_mb"] is not None else row["peak_rss_mb"]
+            row["mb_per_1k_images"] = round(mem / row["images"] * 1000, 2) if mem is not None else None
+            scaling.append(row)
+    result["variants"] = variants
+    result["run_vs_plain_loop"] = loops
+    result["scaling"] = scaling
+    result["ratios"] = ratios(result)
+    if len(scaling) >= 2:
+        # seconds = startup + images / steady rate: least squares over the scaling runs
+        n = np.array([x["images"] for x in scaling], dtype=float)
+        t = np.array([x["seconds"] for x in scaling], dtype=float)
+        slope, intercept = np.polyfit(n, t, 1)
+        steady = float(1.0 / slope) if slope > 0 else None
+        result["steady_state"] = {"startup_seconds": round(float(intercept), 2),
+                                  "images_per_s": round(steady, 2) if steady else None}
+        result["ratios"]["steady_e2e_vs_model_bound"] = _div(steady, result["model_only"]["bound_images_per_s"])
+    result["targets"] = targets(result)
+
+
+def wave_cost(s: Settings, spec: ModelSpec, corpus: Any, scratch: Any) -> dict[str, Any]:
+    """The same small shards labelled with --wave-shards 2 and with 0 (one commit), `vitlabel run`'s default
+    layout: e2e seconds of each."""
+    shards = corpus.shards(s.wave_shards_total * s.wave_shard_images, per_shard=s.wave_shard_images)
+    out: dict[str, Any] = {"shards": s.wave_shards_total, "images_per_shard": s.wave_shard_images}
+    for waves in (0, 2):
+        log.info("bench: waves: %d shards with --wave-shards %d", s.wave_shards_total, waves)
+        out[f"wave_shards_{waves}"] = in_job_process(e2e_job, s, None, spec, str(shards),
+                                                     str(scratch / f"waves-{waves}"), waves)
+    out["ratio"] = _div(out["wave_shards_2"]["seconds"], out["wave_shards_0"]["seconds"])
+    return out
+
+
+def _div(x: float | None, y: float | None) -> float | None:
+    return round(x / y, 3) if x is not None and y else None
+
+
+def ratios(r: dict[str, Any]) -> dict[str, float | None]:
+    v, mo = r["variants"], r["model_only"]
+    bounds = {x["layout"]: x["images_per_s"] for x in mo["layouts"]}
+
+    def ips(key: str) -> float | None:
+        return v[key]["images_per_s"] if key in v else None
+
+    e2e, bound = ips("e2e_local"), mo["bound_images_per_s"]
+    out: dict[str, float | None] = {
+        # the target's ratio: the largest e2e job (start-up a few seconds of minutes), else the side-by-side one
+        "e2e_vs_model_bound": _div(r["scaling"][-1]["images_per_s"] if r["scaling"] else e2e, bound),
+        "e2e_compare_size_vs_model_bound": _div(e2e, bound),
+        "e2e_vs_model_all_cpus": _div(e2e, mo["all_cpus_images_per_s"]),
+        "e2e_s3_vs_model_bound": _div(ips("e2e_s3"), bound),
+        "e2e_vs_ray_docs": _div(e2e, ips("ray_docs")),
+        "e2e_vs_plain_loop": _div(e2e, ips("plain_loop")),
+    }
+    for row in r["run_vs_plain_loop"]:
+        first = row is r["run_vs_plain_loop"][0]  # the compare size
+        out["run_vs_plain_loop" if first else f"run_vs_plain_loop_{row['images']}"] = row["ratio"]
+    if "waves" in r:
+        out["wave_cost"] = r["waves"]["ratio"]
+    if "e2e_local_all_cpus" in v:
+        out["all_cpus_e2e_vs_its_model_bound"] = _div(ips("e2e_local_all_cpus"), bounds["all-cpus"])
+        out["all_cpus_e2e_vs_ray_docs"] = _div(ips("e2e_local_all_cpus"), ips("ray_docs_all_cpus"))
+        docs = [x["images_per_s"] for k, x in v.items() if k.startswith("ray_docs")]
+        best = max(x["images_per_s"] for k, x in v.items() if k.startswith("e2e_local"))
+        out["best_e2e_vs_best_ray_docs"] = _div(best, max(docs)) if docs else None
+    sc = r["scaling"]
+    if sc:
+        out["seconds_per_image_growth"] = _div(sc[-1]["seconds_per_1k"], sc[0]["seconds_per_1k"])
+        key = "peak_pss_mb" if sc[-1]["peak_pss_mb"] is not None else "peak_rss_mb"
+        out["peak_memory_growth"] = _div(sc[-1][key], sc[0][key])
+    return out
+
+
+def targets(r: dict[str, Any]) -> dict[str, bool | None]:
+    """Each target of the issues: met (True), missed (False) or not measured (None). Printed, never asserted."""
+    ra = r["ratios"]
+
+    def at_least(x: float | None, t: float) -> bool | None:
+        return None if x is None else x >= t
+
+    out = {"e2e >= 0.85 x model-only bound": at_least(ra["e2e_vs_model_bound"], 0.85),
+           "e2e >= 1.5 x Ray docs pattern": at_least(ra["e2e_vs_ray_docs"], 1.5),
+           "peak memory flat (<= 1.25x from smallest to largest)": (
+               None if ra.get("peak_memory_growth") is None else ra["peak_memory_growth"] <= 1.25)}
+    for row in r["run_vs_plain_loop"]:
+        if row["target"] is not None:
+            out[f"vitlabel run >= {row['target']:g} x plain loop at {row['images']:,} images"] = at_least(
+                row["ratio"], row["target"])
+    if "waves" in r:
+        out[f"wave cost (--wave-shards 2 / 0) <= {WAVE_TARGET:g}"] = (
+            None if r["waves"]["ratio"] is None else r["waves"]["ratio"] <= WAVE_TARGET)
+    return out
