@@ -18,7 +18,6 @@ choices. This module never imports ray.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -92,8 +91,6 @@ def families() -> dict[str, Family]:
     """name -> Family, in detection order."""
     if not _FAMILIES:
         for module in FAMILY_MODULES:
-            if importlib.util.find_spec(f"pipeline.models.{module}_ckpt") is None:  # TODO(lead): strict at the end
-                continue
             fam = importlib.import_module(f"pipeline.models.{module}_ckpt").FAMILY
             _FAMILIES[fam.name] = fam
     return _FAMILIES
