@@ -1,7 +1,8 @@
 """`vitlabel demo`: the embedded default, end to end on one machine.
 
 Writes the held-out split of scikit-learn's handwritten digits as WebDataset shards on local disk,
-labels them with the bundled ViT (trained by jobs/train_digits.py on the other split) on a local
+labels them with a bundled model (`--model builtin:digits`, the ViT, or `builtin:digits-resnet32`; trained by
+jobs/train_digits.py on the other split) on a local
 Ray, commits the table, then reads the committed rows back and prints the accuracy.
 """
 
