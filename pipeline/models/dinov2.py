@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.checkpoint import ModelError
+from pipeline.models.layers import PatchGrid, embed_patches
 from pipeline.models.vit import Attention, Mlp
 
 
 @dataclass(frozen=True)
-class Dinov2Config:
+class Dinov2Config(PatchGrid):
     image_size: tuple[int, int]  # (H, W) fed to the model: the processor's crop, not the 518 px of pretraining
     patch_size: int
     dim: int
@@ -58,17 +59,6 @@ class Dinov2Config:
             if not ok:
                 raise ModelError(f"Dinov2Config.{name}: expected {expected}, got {got!r}")
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size * self.patch_size * 3
 
 
 class LayerScale(nn.Module):
@@ -129,12 +119,7 @@ class Dinov2(nn.Module):
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, N, P*P*3] (uint8 or float) -> features: normed cls [B, D], or [cls, mean patch] [B, 2D]."""
-        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.cfg.num_patches, self.cfg.token_dim):
-            raise ValueError(f"tokens: expected [B, {self.cfg.num_patches}, {self.cfg.token_dim}], "
-                             f"got {list(tokens.shape)}")
-        w = self.patch_embed.weight
-        x = tokens.to(device=w.device, dtype=w.dtype)  # [B, N, P*P*3]; uint8 -> weight dtype on device
-        x = self.patch_embed(x)  # [B, N, D]
+        x = embed_patches(tokens, self.patch_embed, self.cfg)  # [B, N, D]
         b = x.shape[0]
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self.pos_embed  # [B, 1+N, D]
         if self.register_tokens is not None:  # registers go after the class token, without position embeddings

@@ -64,3 +64,29 @@ class Normalize(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).to(device=self.scale.device, dtype=torch.float32)  # [B, 3, H, W]
         return torch.addcmul(self.shift.float(), x, self.scale.float()).to(self.scale.dtype)  # [B, 3, H, W]
+
+
+class PatchGrid:
+    """Mixin for the patch families' frozen configs (fields image_size (H, W) and patch_size): the token layout."""
+
+    image_size: tuple[int, int]
+    patch_size: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def token_dim(self) -> int:
+        return self.patch_size * self.patch_size * 3
+
+
+def embed_patches(tokens: torch.Tensor, proj: nn.Linear, cfg: PatchGrid) -> torch.Tensor:
+    """uint8 (or float) tokens [B, N, P*P*3] -> proj(tokens) [B, N, D] in the projection's dtype and device."""
+    if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (cfg.num_patches, cfg.token_dim):
+        raise ValueError(f"tokens: expected [B, {cfg.num_patches}, {cfg.token_dim}], got {list(tokens.shape)}")
+    return proj(tokens.to(device=proj.weight.device, dtype=proj.weight.dtype))  # [B, N, D]

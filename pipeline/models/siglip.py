@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.checkpoint import ModelError
+from pipeline.models.layers import PatchGrid, embed_patches
 from pipeline.models.vit import Attention
 
 
 @dataclass(frozen=True)
-class SiglipConfig:
+class SiglipConfig(PatchGrid):
     image_size: tuple[int, int]  # (H, W) fed to the model
     patch_size: int
     dim: int
@@ -48,17 +49,6 @@ class SiglipConfig:
             if not ok:
                 raise ModelError(f"SiglipConfig.{name}: expected {expected}, got {got!r}")
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size * self.patch_size * 3
 
 
 class Mlp(nn.Module):
@@ -129,12 +119,7 @@ class Siglip(nn.Module):
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, N, P*P*3] (uint8 or float) -> pooled image embedding [B, D] (not normalised)."""
-        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.cfg.num_patches, self.cfg.token_dim):
-            raise ValueError(f"tokens: expected [B, {self.cfg.num_patches}, {self.cfg.token_dim}], "
-                             f"got {list(tokens.shape)}")
-        w = self.patch_embed.weight
-        x = tokens.to(device=w.device, dtype=w.dtype)  # [B, N, P*P*3]; uint8 -> weight dtype on device
-        x = self.patch_embed(x) + self.pos_embed  # [B, N, D]
+        x = embed_patches(tokens, self.patch_embed, self.cfg) + self.pos_embed  # [B, N, D]
         for blk in self.blocks:
             x = blk(x)  # [B, N, D]
         return self.attn_pool(self.norm(x))  # [B, D]

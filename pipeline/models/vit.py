@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.checkpoint import ModelError
+from pipeline.models.layers import PatchGrid, embed_patches
 
 
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(PatchGrid):
     image_size: tuple[int, int]  # (H, W)
     patch_size: int
     dim: int
@@ -41,14 +42,6 @@ class ViTConfig:
         for ok, name, expected, got in checks:
             if not ok:
                 raise ModelError(f"ViTConfig.{name}: expected {expected}, got {got!r}")
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size[0] // self.patch_size) * (self.image_size[1] // self.patch_size)
-
-    @property
-    def token_dim(self) -> int:
-        return self.patch_size * self.patch_size * 3
 
 
 class Attention(nn.Module):
@@ -118,12 +111,7 @@ class ViT(nn.Module):
 
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, N, P*P*3] (uint8 or float) -> final-normed cls embedding [B, D]."""
-        if tokens.dim() != 3 or tuple(tokens.shape[1:]) != (self.cfg.num_patches, self.cfg.token_dim):
-            raise ValueError(f"tokens: expected [B, {self.cfg.num_patches}, {self.cfg.token_dim}], "
-                             f"got {list(tokens.shape)}")
-        w = self.patch_embed.weight
-        x = tokens.to(device=w.device, dtype=w.dtype)  # [B, N, P*P*3]; uint8 -> weight dtype on device
-        x = self.patch_embed(x)  # [B, N, D]
+        x = embed_patches(tokens, self.patch_embed, self.cfg)  # [B, N, D]
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1) + self.pos_embed  # [B, 1+N, D]
         for blk in self.blocks:
