@@ -316,3 +316,25 @@ def timm_contract(pre: dict[str, Any], hw: tuple[int, int], patch: int, where: s
                          crop_pct=1.0 if squash else float(pre.get("crop_pct", 0.9)),
                          interpolation=interpolation(pre.get("interpolation", "bicubic"), where),
                          mean=tuple(pre.get("mean", IMAGENET_MEAN)), std=tuple(pre.get("std", IMAGENET_STD)))
+
+
+def rename_keys(sd: dict[str, torch.Tensor], table: list[tuple[str, str | None]], what: str
+                ) -> dict[str, torch.Tensor]:
+    """Keys renamed by the first (regex, target) of `table` that matches whole; a None target drops the key; a key
+    no rule matches is an error (a checkpoint of another layout must not load half-mapped)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        rule = next(((p, t) for p, t in table if re.fullmatch(p, key)), None)
+        if rule is None:
+            raise ModelError(f"model: expected {what} weights, got an unknown key {key!r}")
+        if rule[1] is not None:
+            out[re.sub(*rule, key)] = value
+    return out
+
+
+def fuse(sd: dict[str, torch.Tensor], parts: tuple[str, ...], fused: str) -> dict[str, torch.Tensor]:
+    """Projections stored apart that one Linear runs: every key with `parts[0]` and its siblings with the other
+    parts become one key with `fused`, their rows concatenated in `parts` order (e.g. q | k | v)."""
+    for name in [k for k in sd if parts[0] in k]:
+        sd[name.replace(parts[0], fused)] = torch.cat([sd.pop(name.replace(parts[0], p)) for p in parts])
+    return sd

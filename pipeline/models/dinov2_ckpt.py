@@ -20,8 +20,6 @@ our logits equal transformers' at the same input size.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
@@ -31,10 +29,12 @@ from pipeline.models.checkpoint import (
     IMAGENET_STD,
     Checkpoint,
     ModelError,
+    fuse,
     hf_contract,
     hf_labels,
     hf_name,
     pair,
+    rename_keys,
 )
 from pipeline.models.dinov2 import Dinov2, Dinov2Config
 from pipeline.models.layers import conv_to_linear, fold_normalization
@@ -84,17 +84,9 @@ _FUSED = (((".attn.q.", ".attn.k.", ".attn.v."), ".attn.qkv."), ((".mlp.gate.", 
 def to_ours(sd: dict[str, torch.Tensor], cfg: Dinov2Config, contract: ImageContract) -> dict[str, torch.Tensor]:
     """HF DINOv2 state dict -> `Dinov2`'s: renamed, q/k/v (and SwiGLU gate/up) fused, the patch projection folded
     with the contract's normalisation, the position table resized to the input's grid."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        rule = next(((p, t) for p, t in _HF_TO_OURS if re.fullmatch(p, key)), None)
-        if rule is None:
-            raise ModelError(f"model: expected DINOv2 weights (transformers' Dinov2 layout), got an unknown key "
-                             f"{key!r}")
-        if rule[1] is not None:
-            out[re.sub(*rule, key)] = value
+    out = rename_keys(sd, _HF_TO_OURS, "DINOv2 (transformers' Dinov2 layout)")
     for parts, fused in _FUSED:
-        for name in [k for k in out if parts[0] in k]:
-            out[name.replace(parts[0], fused)] = torch.cat([out.pop(name.replace(parts[0], p)) for p in parts])
+        out = fuse(out, parts, fused)
     w = conv_to_linear(out["patch_embed.weight"].float())  # [D, P*P*3]
     out["patch_embed.weight"], out["patch_embed.bias"] = fold_normalization(w, out["patch_embed.bias"].float(),
                                                                             contract.mean, contract.std)

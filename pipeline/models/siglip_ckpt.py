@@ -23,7 +23,6 @@ a new vocabulary file is a new model version.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ImageContract
-from pipeline.models.checkpoint import Checkpoint, ModelError, hf_contract, hf_name, pair
+from pipeline.models.checkpoint import Checkpoint, ModelError, fuse, hf_contract, hf_name, pair, rename_keys
 from pipeline.models.layers import conv_to_linear, fold_normalization
 from pipeline.models.registry import Family, ModelInfo
 from pipeline.models.siglip import Siglip, SiglipConfig
@@ -67,18 +66,8 @@ _HF_TO_OURS = [
 def image_tower(sd: dict[str, torch.Tensor], cfg: SiglipConfig, contract: ImageContract) -> dict[str, torch.Tensor]:
     """SiglipModel / Siglip2Model state dict -> `Siglip`'s: fused qkv, split MAP in_proj, folded patch projection,
     position embeddings on the input's grid."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        for pattern, target in _HF_TO_OURS:
-            if re.fullmatch(pattern, key):
-                if target is not None:
-                    out[re.sub(pattern, target, key)] = value
-                break
-        else:
-            raise ModelError(f"model: expected SiglipModel/Siglip2Model weights, got an unknown key {key!r}")
-    for name in [k for k in out if ".attn.q." in k]:
-        q, k, v = (out.pop(name.replace(".q.", f".{x}.")) for x in "qkv")
-        out[name.replace(".q.", ".qkv.")] = torch.cat([q, k, v], dim=0)  # [3D, D] or [3D]
+    out = fuse(rename_keys(sd, _HF_TO_OURS, "SiglipModel/Siglip2Model"), (".attn.q.", ".attn.k.", ".attn.v."),
+               ".attn.qkv.")
     for kind in ("weight", "bias"):  # nn.MultiheadAttention's in_proj: q | k | v rows
         w = out.pop(f"attn_pool.in_proj.{kind}")
         out[f"attn_pool.q.{kind}"], out[f"attn_pool.kv.{kind}"] = w[:cfg.dim], w[cfg.dim:]

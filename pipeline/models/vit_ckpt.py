@@ -21,11 +21,13 @@ from pipeline.models.checkpoint import (
     HF_RESAMPLE,
     Checkpoint,
     ModelError,
+    fuse,
     hf_contract,
     hf_labels,
     hf_name,
     label_names,
     pair,
+    rename_keys,
     sanitize,
     timm_contract,
 )
@@ -58,20 +60,9 @@ _HF_TO_TIMM = [
 
 
 def hf_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF ViTForImageClassification state dict -> timm ViT names (q, k, v fused into qkv)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        for pattern, target in _HF_TO_TIMM:
-            if re.fullmatch(pattern, key):
-                if target is not None:
-                    out[re.sub(pattern, target, key)] = value
-                break
-        else:
-            raise ModelError(f"model: expected ViTForImageClassification weights, got an unknown key {key!r}")
-    for name in [k for k in out if ".attn.q." in k]:
-        q, k, v = (out.pop(name.replace(".q.", f".{x}.")) for x in "qkv")
-        out[name.replace(".q.", ".qkv.")] = torch.cat([q, k, v], dim=0)  # [3D, D] or [3D]: timm's q|k|v order
-    return out
+    """HF ViTForImageClassification state dict -> timm ViT names (q, k, v fused into qkv: timm's q|k|v order)."""
+    return fuse(rename_keys(sd, _HF_TO_TIMM, "ViTForImageClassification"), (".attn.q.", ".attn.k.", ".attn.v."),
+                ".attn.qkv.")
 
 
 def timm_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
