@@ -90,3 +90,15 @@ def output(request, tmp_path):
 def input_root(request, tmp_path):
     """A folder for input shards, once on local disk and once on the (reset) S3 server."""
     return _local_or_s3(request, tmp_path, "in")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core CPU: one intra-op thread is several times faster (and far less CPU) than
+    threads that wait for each other. Model test modules use it with `pytestmark`; the count is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

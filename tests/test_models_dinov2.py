@@ -35,13 +35,7 @@ PATCH = 14
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": PATCH}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared CPU: one intra-op thread is much less CPU than several waiting on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_hf(tmp: Path, classifier: bool = True, registers: int = 0, n_classes: int = 5, image_size: int = 518,

@@ -37,13 +37,7 @@ GOOGLE_PROCESSOR = {  # google/mobilenet_v2_1.0_224's preprocessor_config.json
 IMAGENET_LABELS = ["background"] + [f"imagenet class {i}" for i in range(1000)]  # google's 1001-way head
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two oversubscribe a shared 2-core machine (10x slower in bf16)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_hf(path: Path | None, *, multiplier: float = 0.35, labels: list[str] | None = None, tf_padding: bool = True,

@@ -40,13 +40,7 @@ PROCESSOR = {  # microsoft/resnet-50's preprocessor_config.json
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a shared CPU: one thread is several times faster than threads that wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_hf(tmp: Path, layout=SMALL, n_classes: int = 5, seed: int = 0, processor: bool = True, **extra):

@@ -32,13 +32,7 @@ BUILTIN = "builtin:digits-resnet32"
 ASSET = Path(str(resources.files("pipeline").joinpath("assets", "digits-resnet32")))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a shared CPU: one thread is faster than two that wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the reference: random CIFAR-layout state dicts, and the network as functions over them ------------------

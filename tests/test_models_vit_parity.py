@@ -35,13 +35,7 @@ DEIT = {  # facebook/deit-base-patch16-224's preprocessor_config.json
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two oversubscribe a shared 2-core machine (10x slower in bf16)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_vit(path: Path, image_size: int, patch: int, processor: dict, n_classes: int = 10, seed: int = 0):
