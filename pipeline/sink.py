@@ -1,13 +1,13 @@
-"""Commit sink: write tasks stage Parquet files, the driver commits them with a manifest.
+"""Commit sink: the driver stages a wave's rows as Parquet files and commits them with a manifest.
 
 Commit protocol (a Parquet file is part of the table only when a committed manifest names it):
 
-1. Each Ray write task calls `write_staging`: it drops the per-shard MARKER rows (shard_images >= 0),
+1. `write_staging` (called by `waves.WaveCommitter` on the driver) drops the per-shard MARKER rows (shard_images >= 0),
    streams the image rows into ONE file `OUTPUT/_staging/<staging_id>/<uuid4>.parquet` (staging_id: the
    run_id by default; the plan uses one per commit wave) and returns a small JSON-able result: the file,
    its rows, rows per source shard, and the markers it saw.
-2. `LabelDatasink` collects the results of the successful write tasks only (Ray hands
-   `on_write_complete` exactly those), so files written by failed or retried attempts are never named.
+2. The committer keeps the results of the files it staged for the wave; only those are named, so a file a
+   killed driver left in staging is never part of a commit (`recover` deletes it).
 3. `commit` (driver) checks every expected shard is fully covered (a marker seen, rows == images),
    writes the whole manifest as an intent `OUTPUT/_pending/<commit_id>.json` (write-ahead), moves
    the staged files to `OUTPUT/model=<name>/dt=<dt>/part-<commit_id>-<n:05d>.parquet`, writes
@@ -50,8 +50,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from pipeline.config import INTEGRITY_FAILED, RETRYABLE_SHARD_CODES, UNTRUSTED_ROW_CODE, redact, redact_obj
 from pipeline.storage import create_only
@@ -186,7 +184,7 @@ def _as_table(batch: pa.Table | Mapping[str, Any]) -> pa.Table:
             else:
                 cols[name] = value
         return pa.table(cols)
-    return BlockAccessor.for_block(batch).to_arrow()  # pandas and other Ray block types
+    return pa.Table.from_pandas(batch, preserve_index=False)  # a pandas DataFrame
 
 
 def _column(table: pa.Table, name: str, dtype: pa.DataType) -> pa.ChunkedArray:
@@ -331,55 +329,6 @@ def write_staging(
     }
 
 
-class LabelDatasink(Datasink[dict]):
-    """Ray Data sink: each write task stages one Parquet file; `results` holds the successful tasks' results.
-
-    After `ds.write_datasink(sink)` the driver calls `commit(..., results=sink.results, ...)`.
-    """
-
-    def __init__(
-        self,
-        output: str,
-        *,
-        run_id: str,
-        model_digest: str,
-        embeddings: bool = False,
-        min_rows_per_write: int | None = 10_000,
-        staging_id: str | None = None,
-    ) -> None:
-        _check_name("run_id", run_id)
-        _check_name("staging_id", staging_id or run_id)
-        if min_rows_per_write is not None and min_rows_per_write < 1:
-            raise ValueError(f"min_rows_per_write: expected None or >= 1, got {min_rows_per_write!r}")
-        self.output = output
-        self.run_id = run_id
-        self.model_digest = model_digest
-        self.embeddings = embeddings
-        self.staging_id = staging_id or run_id
-        self._min_rows_per_write = min_rows_per_write
-        self.results: list[dict[str, Any]] = []
-
-    @property
-    def min_rows_per_write(self) -> int | None:
-        return self._min_rows_per_write
-
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        return write_staging(
-            (BlockAccessor.for_block(b).to_arrow() for b in blocks),
-            output=self.output,
-            run_id=self.run_id,
-            model_digest=self.model_digest,
-            embeddings=self.embeddings,
-            staging_id=self.staging_id,
-        )
-
-    def on_write_complete(self, write_result: Any) -> None:
-        self.results = [r for r in write_result.write_returns if r is not None]
-
-    def on_write_failed(self, error: Exception) -> None:
-        logger.warning("write of run %s failed; staged files stay uncommitted: %s", self.run_id, error)
-
-
 # ------------------------------------------------------------------------------------------------- commit
 
 
@@ -461,7 +410,7 @@ def commit(
     Staged files may live in any `_staging/<id>/` folder (the sink's staging_id); pass `staging_id` to
     accept only that folder. `cleanup=True` then removes, best effort, every staging folder this commit's
     files came from, plus `_staging/<staging_id>/` (failed-attempt leftovers included). With one staging
-    folder per wave (LabelDatasink(staging_id=commit_id)) that never touches another wave's files; with
+    folder per wave (staging_id=commit_id, as the WaveCommitter stages) that never touches another wave's files; with
     one folder per run and waves staged concurrently, pass `cleanup=False` and call `cleanup_staging`
     at the end of the run.
     """

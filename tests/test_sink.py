@@ -16,7 +16,8 @@ from _sinkrows import DIGEST, DT, MODEL, RUN, do_commit, image_rows, list_files,
 
 from pipeline import sink, table
 from pipeline.config import INTEGRITY_FAILED, UNTRUSTED_ROW_CODE
-from pipeline.sink import CommitError, LabelDatasink, committed_shards, output_schema, write_staging
+from pipeline.sink import CommitError, committed_shards, output_schema, write_staging
+from pipeline.waves import WaveCommitter
 
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
 
@@ -216,7 +217,7 @@ def test_bad_names_refused(tmp_path):
 
 
 def test_staging_per_wave_cleanup_leaves_other_waves(output):
-    """LabelDatasink(staging_id=commit_id): committing wave 0 removes its leftovers, never wave 1's files."""
+    """One staging folder per wave (staging_id=commit_id): committing wave 0 removes its leftovers, never wave 1's."""
     w0 = [stage(output, shard(A, 2), staging_id="run-1-w0000")]
     stage(output, shard(A, 2), staging_id="run-1-w0000")  # failed attempt of wave 0
     w1 = [stage(output, shard(B, 3), staging_id="run-1-w0001")]
@@ -256,21 +257,27 @@ def test_pyarrow_and_duckdb_read_the_partitions(tmp_path):
     assert exact == 5
 
 
+def stream_commit(out: str, ds, shards: list[str], *extra: pa.Table, embeddings: bool = False) -> WaveCommitter:
+    """What the plan does with a run's stream: every block through a WaveCommitter (one wave), then finish."""
+    committer = WaveCommitter(output=out, run_id=RUN, model_name=MODEL, model_digest=DIGEST, dt=DT, shards=shards,
+                              wave_size=len(shards), embeddings=embeddings, config={}, stats={})
+    for t in [*ds.iter_batches(batch_size=None, batch_format="pyarrow"), *extra]:
+        committer.add(t)
+    committer.finish()
+    return committer
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_label_datasink_end_to_end(ray_local, tmp_path, where, request):
+def test_wave_committer_end_to_end(ray_local, tmp_path, where, request):
+    """Ray Data blocks of image and marker rows, shards interleaved across blocks, committed by the driver."""
     if where == "s3":
         request.getfixturevalue("s3")
     out = str(tmp_path / "labels") if where == "local" else "s3://test-bucket/labels"
     tables = [shard(A, 5, errors=2), image_rows(B, 3), image_rows(B, 4, start=3), marker(B, 7),
               marker(C, 0, "shard_error: truncated tar")]
-    ds = ray_local.data.from_arrow(tables)
-    sink_ = LabelDatasink(out, run_id=RUN, model_digest=DIGEST, min_rows_per_write=None if where == "s3" else 10_000,
-                          staging_id=f"{RUN}-w0000")
-    ds.write_datasink(sink_)
-    assert sum(r["rows"] for r in sink_.results) == 12
-    assert all(r["file"].startswith(f"_staging/{RUN}-w0000/") for r in sink_.results if r["file"])
-    assert len([r for r in sink_.results if r["file"]]) == (1 if where == "local" else 3)
-    m = do_commit(out, sink_.results, [A, B, C])
+    committer = stream_commit(out, ray_local.data.from_arrow(tables), [A, B, C])
+    [m] = committer.manifests
+    assert m["commit_id"] == RUN
     assert m["counts"] == {"images": 12, "ok": 10, "error": 2, "shards": 3, "shard_errors": 1}
     assert not any(f.startswith("_staging/") for f in list_files(out))
     t = table.read_table(out)
@@ -278,8 +285,8 @@ def test_label_datasink_end_to_end(ray_local, tmp_path, where, request):
     assert committed_shards(out, DIGEST) == {A, B, C}
 
 
-def test_label_datasink_tensor_columns(ray_local, tmp_path):
-    """Numpy [B, k] batches become Ray tensor extension columns on the way to the sink."""
+def test_wave_committer_tensor_columns(ray_local, tmp_path):
+    """Numpy [B, k] batches become Ray tensor extension columns on the way to the driver."""
     out = str(tmp_path / "labels")
 
     def to_numpy(batch: dict) -> dict:
@@ -296,10 +303,7 @@ def test_label_datasink_tensor_columns(ray_local, tmp_path):
         }
 
     ds = ray_local.data.range(6, override_num_blocks=2).map_batches(to_numpy, batch_format="numpy")
-    sink_ = LabelDatasink(out, run_id=RUN, model_digest=DIGEST, embeddings=True)
-    ds.write_datasink(sink_)
-    results = sink_.results + [stage(out, marker(A, 6, embeddings=True), embeddings=True)]
-    do_commit(out, results, [A])
+    stream_commit(out, ds, [A], marker(A, 6, embeddings=True), embeddings=True)
     t = table.read_table(out)
     assert t.num_rows == 6 and t["topk_labels"].to_pylist()[0] == ["cat", "dog"]
     assert t["embedding"].to_pylist()[0] == [1.0, 1.0, 1.0] and t["topk_ids"].type == pa.list_(pa.int32())
