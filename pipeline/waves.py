@@ -2,8 +2,10 @@
 
 The run is ONE Ray Data execution: the actors start once and never drain between waves. Its output (small
 prediction rows plus one marker row per shard, never the model inputs) streams to the driver, which
-- keeps each shard's rows until the shard's marker row arrives (the shard is then complete: rows == images
-  is checked again by the commit);
+- keeps each shard's rows until the shard is complete: its marker row has arrived (it carries the shard's image
+  count) AND that many image rows have. The marker is the read task's last row, but with separate preprocessing
+  tasks and an actor pool the blocks of one shard reach the driver in any order, so the marker may come first
+  (rows == images is checked again by the commit);
 - adds complete shards, in the order they complete, to the current wave, and stages the wave's rows as
   Parquet files under `_staging/<commit id>/` as they accumulate (memory stays bounded);
 - commits the wave (write-ahead intent, moves, manifest last: `sink.commit`) as soon as it holds
@@ -44,7 +46,9 @@ class WaveCommitter:
         self.n_waves = -(-len(shards) // self.wave_size)
         self.embeddings, self.config, self.stats = embeddings, config, stats
         self.before_commit = before_commit
-        self.partial: dict[str, list[pa.Table]] = {}  # shard -> its rows so far (no marker yet)
+        self.partial: dict[str, list[pa.Table]] = {}  # shard -> its rows so far (not complete yet)
+        self.seen: dict[str, int] = {}  # shard -> image rows so far
+        self.expected: dict[str, int] = {}  # shard -> its marker's image count, once the marker has arrived
         self.wave: list[str] = []  # complete shards of the wave being filled, in completion order
         self.unstaged: list[pa.Table] = []  # their rows (and markers) not yet in a staged file
         self.unstaged_rows = 0
@@ -70,17 +74,25 @@ class WaveCommitter:
             return
         sources = table.column("source")
         for src in pc.unique(sources).to_pylist():
+            if src not in self.pending:
+                raise ValueError(f"stream: expected rows of the run's pending shards, got rows for {src!r} "
+                                 "(unknown, or complete already)")
             rows = table.filter(pc.equal(sources, src))
             self.partial.setdefault(src, []).append(rows)
-            marks = pc.greater_equal(pc.fill_null(rows.column(MARKER_COLUMN).cast(pa.int64()), -1), 0)
-            if pc.any(marks).as_py():
+            counts = pc.fill_null(rows.column(MARKER_COLUMN).cast(pa.int64()), -1)
+            marks = pc.greater_equal(counts, 0)
+            n_marks = pc.sum(marks.cast(pa.int64())).as_py() or 0
+            self.seen[src] = self.seen.get(src, 0) + rows.num_rows - n_marks
+            if n_marks:
+                if n_marks > 1 or src in self.expected:
+                    raise ValueError(f"stream: expected one marker row for {src!r}, got another")
+                self.expected[src] = pc.max(counts).as_py()
+            if src in self.expected and self.seen[src] >= self.expected[src]:
                 self._complete(src)
 
     def _complete(self, src: str) -> None:
-        if src not in self.pending:
-            raise ValueError(f"stream: expected rows of the run's pending shards, got a marker for {src!r} "
-                             "(unknown, or complete already)")
         self.pending.discard(src)
+        del self.seen[src], self.expected[src]
         tables = self.partial.pop(src)
         self.wave.append(src)
         self.unstaged.extend(tables)
@@ -121,6 +133,6 @@ class WaveCommitter:
     def finish(self) -> None:
         """The stream ended: every shard must have completed (and so been committed)."""
         if self.pending or self.wave:
-            missing = sorted(self.pending)[:5]
-            raise ValueError(f"stream ended with {len(self.pending)} shard(s) incomplete (no marker row), "
-                             f"e.g. {missing}")
+            missing = [f"{s} ({self.seen.get(s, 0)} rows, " + (f"marker {self.expected[s]} images)" if s in
+                       self.expected else "no marker row)") for s in sorted(self.pending)[:5]]
+            raise ValueError(f"stream ended with {len(self.pending)} shard(s) incomplete, e.g. {'; '.join(missing)}")

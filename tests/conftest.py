@@ -1,4 +1,5 @@
-"""Shared fixtures: a real moto S3 server on a free 127.0.0.1 port, one real local Ray per session.
+"""Shared fixtures: a real moto S3 server on a free 127.0.0.1 port, one real local Ray per session, and one
+real `ray start --head` cluster with token auth per session (`ray_head`, for the submit and security tests).
 
 The S3 server is reset before each test that asks for `s3`. Credentials are fake but real in form,
 and set in the environment before Ray starts, so Ray workers reach the same server.
@@ -7,7 +8,14 @@ and set in the environment before Ray starts, so Ray workers reach the same serv
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +78,57 @@ def ray_local(s3_server):
                  configure_logging=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+BIN = Path(sys.executable).parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment minus Ray/AWS settings (nothing connects to the in-process Ray), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **extra)
+    return env
+
+
+@dataclass(frozen=True)
+class RayHead:
+    url: str  # dashboard and job API, http://127.0.0.1:PORT
+    gcs: str  # 127.0.0.1:PORT, for ray.init(address=...)
+    token: str
+    token_file: Path  # mode 0600, in the cluster's temp dir (which is also HOME in `env`)
+    env: dict[str, str]  # clean_env() with HOME = the temp dir: no token, no AWS settings
+    cpus: int = 2
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """`ray start --head` on 127.0.0.1 with token auth (Ray 2.60's default for `ray start`), free ports, its own
+    temp dir and process session, no AWS env: one cluster for the whole session. Teardown ends exactly this
+    cluster's processes (its session), never `ray stop` (that would end every Ray on the machine)."""
+    from _procs import end_session
+
+    tmp = tempfile.mkdtemp(prefix="vlray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    token = secrets.token_hex(16)
+    token_file = Path(tmp) / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
+                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "runtime-env-agent-port")}
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+           "--include-dashboard=true", "--num-cpus", str(RayHead.cpus), "--temp-dir", tmp, "--disable-usage-stats",
+           *[a for name, port in ports.items() for a in (f"--{name}", str(port))]]
+    env = clean_env(HOME=tmp)
+    proc = subprocess.Popen(cmd, env=env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out.decode()[-3000:]
+        yield RayHead(f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}", token,
+                      token_file, env)
+    finally:
+        end_session(proc.pid)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _local_or_s3(request, tmp_path, name: str) -> str:

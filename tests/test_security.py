@@ -21,7 +21,6 @@ import pytest
 import requests
 from _digits import held_out_pngs
 from _procs import end_session
-from conftest import free_port
 
 from pipeline.config import JobConfig, redact
 from pipeline.plan import run
@@ -149,33 +148,9 @@ def test_adversarial_keys_write_nothing_outside_output(ray_local, tmp_path, pngs
 # --------------------------------------------------------------------------------------- Ray token auth
 
 
-@pytest.fixture(scope="module")
-def token_cluster():
-    """`ray start --head` on 127.0.0.1 with token auth (its default here), own free ports, own temp dir and
-    process session. Yields (dashboard URL, GCS address, token). Teardown ends exactly this cluster."""
-    tmp = tempfile.mkdtemp(prefix="vlsec-", dir="/tmp")
-    token = secrets.token_hex(16)
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "metrics-export-port", "runtime-env-agent-port")}
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-           "--include-dashboard=true", "--num-cpus", "1", "--temp-dir", tmp, "--disable-usage-stats",
-           *[a for name, port in ports.items() for a in (f"--{name}", str(port))]]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_TOKEN=token, HOME=tmp)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out.decode()[-3000:]
-        yield f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}", token, env
-    finally:
-        end_session(proc.pid)  # not `ray stop`: that would end every Ray on this machine
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.mark.cluster
-def test_dashboard_and_job_api_refuse_requests_without_the_token(token_cluster):
-    url, _, token, _ = token_cluster
+def test_dashboard_and_job_api_refuse_requests_without_the_token(ray_head):
+    url, token = ray_head.url, ray_head.token
     deadline = time.monotonic() + 60
     while True:  # the dashboard comes up shortly after `ray start` returns
         try:
@@ -185,23 +160,26 @@ def test_dashboard_and_job_api_refuse_requests_without_the_token(token_cluster):
             pass
         assert time.monotonic() < deadline, "dashboard did not come up"
         time.sleep(0.5)
-    good = {"Authorization": f"Bearer {token}"}
     bad = {"Authorization": f"Bearer {secrets.token_hex(16)}"}
     for path in ("/api/jobs/", "/api/version", "/api/cluster_status", "/nodes?view=summary", "/api/v0/actors"):
         assert requests.get(url + path, timeout=10).status_code == 401, path
         assert requests.get(url + path, headers=bad, timeout=10).status_code == 403, path
+    good = {"Authorization": f"Bearer {token}"}
+    before = requests.get(f"{url}/api/jobs/", headers=good, timeout=10)
+    assert before.status_code == 200
     submit = {"entrypoint": "touch /tmp/vitlabel-should-not-run"}
     assert requests.post(f"{url}/api/jobs/", json=submit, timeout=10).status_code == 401
     assert requests.post(f"{url}/api/jobs/", json=submit, headers=bad, timeout=10).status_code == 403
     jobs = requests.get(f"{url}/api/jobs/", headers=good, timeout=10)
-    assert jobs.status_code == 200 and jobs.json() == []  # and nothing was submitted by the refused calls
+    assert jobs.status_code == 200 and len(jobs.json()) == len(before.json())  # the refused calls added no job
+    assert submit["entrypoint"] not in json.dumps(jobs.json())
     assert requests.get(f"{url}/api/version", headers=good, timeout=10).status_code == 200
     assert requests.get(f"{url}/api/jobs/", cookies={"ray-authentication-token": token}, timeout=10).ok
 
 
 @pytest.mark.cluster
-def test_drivers_without_the_token_cannot_connect(token_cluster):
-    _, gcs, token, env = token_cluster
+def test_drivers_without_the_token_cannot_connect(ray_head):
+    gcs, token, env = ray_head.gcs, ray_head.token, ray_head.env | {"RAY_AUTH_TOKEN": ray_head.token}
     probe = [sys.executable, "-c", f"import ray; ray.init(address={gcs!r}); print(ray.cluster_resources()['CPU'])"]
     wrong = secrets.token_hex(16)
     for name, extra in (("no token", {}), ("wrong token", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": wrong})):
@@ -209,7 +187,7 @@ def test_drivers_without_the_token_cannot_connect(token_cluster):
         no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | extra
         refused = subprocess.run(probe, env=no_token | {"RAY_gcs_server_port_wait_time_s": "2"}, capture_output=True,
                                  text=True, timeout=120)
-        assert refused.returncode != 0 and "1.0" not in refused.stdout, name
+        assert refused.returncode != 0 and f"{ray_head.cpus:.1f}" not in refused.stdout, name
         assert "AuthenticationError" in refused.stderr and token not in refused.stdout + refused.stderr, name
     allowed = subprocess.run(probe, env=env | {"RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
-    assert allowed.returncode == 0 and allowed.stdout.strip().endswith("1.0"), allowed.stderr[-2000:]
+    assert allowed.returncode == 0 and allowed.stdout.strip().endswith(f"{ray_head.cpus:.1f}"), allowed.stderr[-2000:]

@@ -285,6 +285,33 @@ def test_wave_committer_end_to_end(ray_local, tmp_path, where, request):
     assert committed_shards(out, DIGEST) == {A, B, C}
 
 
+def test_wave_committer_waits_for_every_row_when_the_marker_comes_first(tmp_path):
+    """With preprocessing tasks and an actor pool, a shard's blocks reach the driver in any order: its marker
+    (the read task's last row) may come before some of its rows. The shard completes only with all of them."""
+    out = str(tmp_path / "labels")
+    committer = WaveCommitter(output=out, run_id=RUN, model_name=MODEL, model_digest=DIGEST, dt=DT, shards=[A, B],
+                              wave_size=1, embeddings=False, config={}, stats={})
+    committer.add(pa.concat_tables([marker(A, 5), image_rows(B, 2)]))
+    committer.add(image_rows(A, 2))
+    assert committer.manifests == [] and committer.pending == {A, B}
+    committer.add(pa.concat_tables([image_rows(B, 1, start=2), marker(B, 3)]))
+    assert [m["counts"]["images"] for m in committer.manifests] == [3]  # B, complete, committed alone
+    committer.add(image_rows(A, 3, start=2))
+    committer.finish()
+    assert [sorted(m["shards"]) for m in committer.manifests] == [[B], [A]]
+    assert table.read_table(out).num_rows == 8 and committed_shards(out, DIGEST) == {A, B}
+    with pytest.raises(ValueError, match="complete already"):
+        committer.add(image_rows(A, 1, start=5))
+
+
+def test_wave_committer_names_incomplete_shards(tmp_path):
+    committer = WaveCommitter(output=str(tmp_path / "labels"), run_id=RUN, model_name=MODEL, model_digest=DIGEST,
+                              dt=DT, shards=[A, B], wave_size=2, embeddings=False, config={}, stats={})
+    committer.add(pa.concat_tables([marker(A, 4), image_rows(A, 3), image_rows(B, 1)]))
+    with pytest.raises(ValueError, match=r"2 shard\(s\) incomplete.*3 rows, marker 4 images.*1 rows, no marker row"):
+        committer.finish()
+
+
 def test_wave_committer_tensor_columns(ray_local, tmp_path):
     """Numpy [B, k] batches become Ray tensor extension columns on the way to the driver."""
     out = str(tmp_path / "labels")

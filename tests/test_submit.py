@@ -5,17 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from _procs import end_session
-from conftest import free_port
+from conftest import clean_env
 
 from jobs.cli import main
 from jobs.submit import SubmitError, auth_token, check_no_secrets, dashboard_address, job_entrypoint, job_env
@@ -100,39 +96,6 @@ def test_dry_run_shows_names_never_values(capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------- real cluster
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This environment minus Ray/AWS settings (nothing connects to the in-process Ray), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """`ray start --head` on 127.0.0.1 with token auth, free ports, its own temp dir and session; no AWS env.
-
-    Yields (dashboard URL, token file). Teardown ends exactly this cluster's processes (its session)."""
-    tmp = tempfile.mkdtemp(prefix="vlray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    token_file = Path(tmp) / "auth_token"
-    token_file.write_text(secrets.token_hex(16))
-    token_file.chmod(0o600)
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port",
-                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                            "metrics-export-port", "runtime-env-agent-port")}
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-           "--include-dashboard=true", "--num-cpus", "2", "--temp-dir", tmp, "--disable-usage-stats",
-           *[a for name, port in ports.items() for a in (f"--{name}", str(port))]]
-    env = _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=90)
-        assert proc.returncode == 0, out.decode()[-3000:]
-        yield f"http://127.0.0.1:{ports['dashboard-port']}", token_file
-    finally:
-        end_session(proc.pid)  # not `ray stop`: that would end every Ray on this machine
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _submit(args: list[str], env: dict[str, str], timeout: float = 150) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "vitlabel"), "submit", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
@@ -148,9 +111,9 @@ def _png(img) -> bytes:
 def test_submit_a_run_to_a_token_auth_cluster(ray_head, s3):
     from jobs.train_digits import digits_split
 
-    address, token_file = ray_head
+    address, token_file = ray_head.url, ray_head.token_file
     got = subprocess.run([str(BIN / "ray"), "get-auth-token"], capture_output=True, text=True, timeout=30,
-                         env=_clean_env(RAY_AUTH_TOKEN_PATH=str(token_file)))
+                         env=clean_env(RAY_AUTH_TOKEN_PATH=str(token_file)))
     token = got.stdout.strip()
     assert got.returncode == 0 and token == token_file.read_text()
 
@@ -160,10 +123,10 @@ def test_submit_a_run_to_a_token_auth_cluster(ray_head, s3):
                          [(f"s{n}-{i}", {"png": _png(img)}) for i, (img, _) in enumerate(held[n * 8:(n + 1) * 8])])
     # The submitter has the S3 settings (from the moto fixture) and the token; the cluster has neither
     # S3 credentials nor an endpoint: the job reaches S3 only through the env passed with the submission.
-    env = {**_clean_env(RAY_AUTH_TOKEN=token), **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    env = {**clean_env(RAY_AUTH_TOKEN=token), **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
     secret = env["AWS_SECRET_ACCESS_KEY"]
 
-    assert _submit(["--address", address, "list"], _clean_env(HOME=str(token_file.parent))).returncode == 2
+    assert _submit(["--address", address, "list"], clean_env(HOME=str(token_file.parent))).returncode == 2
     for _ in range(20):  # the job server may need a moment after `ray start` returns
         if _submit(["--address", address, "list"], env, timeout=30).returncode == 0:
             break
