@@ -6,7 +6,7 @@
     vitlabel query OUTPUT --report diff --model-a sha256:1a2b3c --model-b vit-b16
 
 Views: `predictions` (committed rows only, with `model` and `dt`) and `runs` (one row per manifest);
-see `pipeline.table.connect` and `pipeline.reports`.
+see `pipeline.table.connect` and `pipeline.queries`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-from pipeline.reports import REPORTS
+from pipeline.queries import REPORTS
 
 FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 50  # rows a table shows when --limit is not given
@@ -165,7 +165,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def run_query(args: argparse.Namespace, stdout: IO[str]) -> int:
     import duckdb
 
-    from pipeline import reports, table
+    from pipeline import queries, table
 
     _check_args(args)
     name = None if args.sql else (args.report or "summary")
@@ -179,8 +179,8 @@ def run_query(args: argparse.Namespace, stdout: IO[str]) -> int:
             params = {"threshold": args.threshold} if name == "low-confidence" else {}
             if name == "diff":
                 params = {"model_a": args.model_a, "model_b": args.model_b}
-            rel = reports.report(con, name, **params)
-        summary = reports.diff_summary(con, args.model_a, args.model_b) if name == "diff" else None
+            rel = queries.report(con, name, **params)
+        summary = queries.diff_summary(con, args.model_a, args.model_b) if name == "diff" else None
         if args.limit is not None:
             rel = rel.limit(args.limit)
         out = args.out
@@ -203,7 +203,7 @@ def run_query(args: argparse.Namespace, stdout: IO[str]) -> int:
                 writer(rel.to_arrow_reader(65_536), f)
             if summary is not None:
                 print(_summary_line(summary), file=sys.stderr)
-    except reports.ReportError as e:
+    except queries.ReportError as e:
         raise QueryError(str(e)) from e
     except (duckdb.IOException, duckdb.HTTPException):
         raise  # the table could not be read: not the SQL's fault

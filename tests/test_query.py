@@ -17,7 +17,7 @@ import pytest
 from _tables import commit_shards, rows
 
 from jobs.cli import main as cli
-from pipeline import reports, table
+from pipeline import queries, table
 from pipeline.sink import output_schema, write_staging
 
 A, B = "s3://in/a.tar", "s3://in/b.tar"
@@ -104,9 +104,9 @@ def test_empty_table_has_empty_views(tmp_path):
     assert con.sql("SELECT count(*) FROM predictions").fetchall() == [(0,)]
     assert con.sql("SELECT * FROM runs").fetchall() == []
     for name in ("summary", "labels", "low-confidence", "errors", "runs"):
-        assert reports.report(con, name).fetchall() == []
-    with pytest.raises(reports.ReportError, match="0 model versions"):
-        reports.report(con, "diff")
+        assert queries.report(con, name).fetchall() == []
+    with pytest.raises(queries.ReportError, match="0 model versions"):
+        queries.report(con, "diff")
 
 
 def test_staging_only_table_is_empty(tmp_path):
@@ -167,7 +167,7 @@ def _ok(t: pa.Table) -> pa.Table:
 def test_report_labels_matches_pyarrow(local_output):
     output = local_output
     populate(output)
-    got = reports.report(table.connect(output), "labels").to_arrow_table().to_pylist()
+    got = queries.report(table.connect(output), "labels").to_arrow_table().to_pylist()
     ok = _ok(committed(output))
     agg = ok.group_by(["model", "model_digest", "label"]).aggregate([("score", "count"), ("score", "mean"),
                                                                      ("score", "min")])
@@ -187,21 +187,21 @@ def test_report_low_confidence_matches_pyarrow(local_output):
     output = local_output
     populate(output)
     con = table.connect(output)
-    got = reports.report(con, "low-confidence", threshold=0.5).to_arrow_table()
+    got = queries.report(con, "low-confidence", threshold=0.5).to_arrow_table()
     ok = _ok(committed(output))
     low = ok.filter(pc.less(ok["score"], 0.5)).sort_by([("score", "ascending"), ("source", "ascending"),
                                                          ("key", "ascending")])
     assert got["key"].to_pylist() == low["key"].to_pylist() == ["b1", "a3", "a1", "a3"]
     assert got["score"].to_pylist() == low["score"].to_pylist()
     assert got["runner_up"].to_pylist() == [t[1] for t in low["topk_labels"].to_pylist()]
-    assert reports.report(con, "low-confidence", threshold=0.0).fetchall() == []
-    assert len(reports.report(con, "low-confidence", threshold=1.0).fetchall()) == ok.num_rows
+    assert queries.report(con, "low-confidence", threshold=0.0).fetchall() == []
+    assert len(queries.report(con, "low-confidence", threshold=1.0).fetchall()) == ok.num_rows
 
 
 def test_report_errors_matches_pyarrow(local_output):
     output = local_output
     populate(output)
-    got = reports.report(table.connect(output), "errors").to_arrow_table().to_pylist()
+    got = queries.report(table.connect(output), "errors").to_arrow_table().to_pylist()
     t = committed(output)
     err = t.filter(pc.equal(t["status"], "error"))
     want: dict[tuple[str, str], list] = {}
@@ -217,7 +217,7 @@ def test_report_errors_matches_pyarrow(local_output):
 def test_report_runs_matches_manifests(local_output):
     output = local_output
     populate(output)
-    got = reports.report(table.connect(output), "runs").to_arrow_table().to_pylist()
+    got = queries.report(table.connect(output), "runs").to_arrow_table().to_pylist()
     ms = table.list_manifests(output)
     assert [r["run_id"] for r in got] == [m["run_id"] for m in ms]
     for r, m in zip(got, ms, strict=True):
@@ -230,7 +230,7 @@ def test_report_runs_matches_manifests(local_output):
 def test_report_summary_matches_pyarrow(local_output):
     output = local_output
     populate(output)
-    got = {r["digest"]: r for r in reports.report(table.connect(output), "summary").to_arrow_table().to_pylist()}
+    got = {r["digest"]: r for r in queries.report(table.connect(output), "summary").to_arrow_table().to_pylist()}
     t = committed(output)
     for digest in (DA, DB):
         sub = t.filter(pc.equal(t["model_digest"], digest))
@@ -250,28 +250,28 @@ def test_report_diff(local_output):
     both = a.keys() & b.keys()
     differ = sorted(k for k in both if a[k] != b[k])
     for sel_a, sel_b in ((DA, DB), ("1a1a1a1a", "sha256:2b2b"), (None, None)):
-        got = reports.report(con, "diff", model_a=sel_a, model_b=sel_b).to_arrow_table()
+        got = queries.report(con, "diff", model_a=sel_a, model_b=sel_b).to_arrow_table()
         assert got["key"].to_pylist() == differ == ["a1", "a3"]
         assert [(r["label_a"], r["label_b"]) for r in got.to_pylist()] == [(a[k], b[k]) for k in differ]
-        s = reports.diff_summary(con, sel_a, sel_b)
+        s = queries.diff_summary(con, sel_a, sel_b)
         assert (s["both"], s["agree"], s["differ"]) == (len(both), len(both) - 2, 2)
         assert s["agreement"] == pytest.approx((len(both) - 2) / len(both))
         assert (s["images_a"], s["images_b"]) == (len(a), len(b))
-    reverse = reports.report(con, "diff", model_a=DB, model_b=DA).to_arrow_table()
+    reverse = queries.report(con, "diff", model_a=DB, model_b=DA).to_arrow_table()
     assert reverse["label_a"].to_pylist() == [b[k] for k in differ]
-    with pytest.raises(reports.ReportError, match="expected a model name or digest"):
-        reports.report(con, "diff", model_a="nope", model_b=DA)
-    with pytest.raises(reports.ReportError, match="two different"):
-        reports.report(con, "diff", model_a=DA, model_b=DA[:20])
-    with pytest.raises(reports.ReportError, match="expected both"):
-        reports.report(con, "diff", model_a=DA)
+    with pytest.raises(queries.ReportError, match="expected a model name or digest"):
+        queries.report(con, "diff", model_a="nope", model_b=DA)
+    with pytest.raises(queries.ReportError, match="two different"):
+        queries.report(con, "diff", model_a=DA, model_b=DA[:20])
+    with pytest.raises(queries.ReportError, match="expected both"):
+        queries.report(con, "diff", model_a=DA)
 
 
 def test_report_diff_by_model_name(tmp_path):
     out = str(tmp_path / "labels")
     commit_shards(out, {A: SHARD_A}, commit_id="c1", run_id="run-1", model="vit-small", digest=DA)
     commit_shards(out, {A: SHARD_A_V2}, commit_id="c2", run_id="run-2", model="vit-large", digest=DB)
-    got = reports.report(table.connect(out), "diff", model_a="vit-small", model_b="vit-large").fetchall()
+    got = queries.report(table.connect(out), "diff", model_a="vit-small", model_b="vit-large").fetchall()
     assert [r[1] for r in got] == ["a1", "a3"]
 
 

@@ -16,7 +16,7 @@ import pytest
 from _tables import LABELS, commit_shards, png, rows
 from PIL import Image
 
-from jobs import report
+from jobs import html_report
 from jobs.cli import main as cli
 from pipeline import table
 from pipeline.sink import write_staging
@@ -234,22 +234,22 @@ def test_fetch_thumbnails_reads_each_shard_once_and_stops_early(tmp_path, monkey
 
     monkeypatch.setattr(pipeline.sources, "iter_shard", counting)
     wanted = [(uris["good.tar"], "k4"), (uris["good.tar"], "k1"), (uris["cut.tar"], "k0"), (uris["good.tar"], "k1")]
-    got = report.fetch_thumbnails(wanted, 32)
+    got = html_report.fetch_thumbnails(wanted, 32)
     assert sorted(calls) == sorted([uris["good.tar"], uris["cut.tar"]])  # one read per shard
     assert set(got) == set(wanted)
     assert all(t.data_uri and t.error is None for t in got.values())  # k0 read before the cut: no error
-    got = report.fetch_thumbnails([(uris["cut.tar"], "k5"), (uris["cut.tar"], "k0")], 32)
+    got = html_report.fetch_thumbnails([(uris["cut.tar"], "k5"), (uris["cut.tar"], "k0")], 32)
     assert got[(uris["cut.tar"], "k0")].data_uri and got[(uris["cut.tar"], "k5")].error.startswith("shard unreadable")
-    got = report.fetch_thumbnails([("file:///nowhere/x.tar", "k0")], 32)
+    got = html_report.fetch_thumbnails([("file:///nowhere/x.tar", "k0")], 32)
     assert got[("file:///nowhere/x.tar", "k0")].error.startswith("shard unreadable")
 
 
 def test_make_thumb():
-    t = report.make_thumb(png((10, 200, 30), (300, 120)), 96)
+    t = html_report.make_thumb(png((10, 200, 30), (300, 120)), 96)
     assert (t.width, t.height) == (96, 38) and decode_data_uri(t.data_uri).size == (96, 38)
-    t = report.make_thumb(png((10, 200, 30), (20, 10)), 96)  # never enlarged: the page scales it
+    t = html_report.make_thumb(png((10, 200, 30), (20, 10)), 96)  # never enlarged: the page scales it
     assert (t.width, t.height) == (20, 10) and t.data_uri.startswith("data:image/png")
-    t = report.make_thumb(b"\x89PNG\r\n\x1a\n broken", 96)
+    t = html_report.make_thumb(b"\x89PNG\r\n\x1a\n broken", 96)
     assert t.data_uri is None and t.error.startswith("decode_error")
 
 

@@ -147,10 +147,10 @@ class ReportData:
 
 def gather(output: str, *, model: str | None = None, per_label: int = 12, thumb: int = 96, max_labels: int = 100,
            bins: int = 20) -> ReportData:
-    from pipeline import reports, table
+    from pipeline import queries, table
 
     con = table.connect(output)
-    cond = reports.version_filter(con, model) if model else "true"
+    cond = queries.version_filter(con, model) if model else "true"
     con.execute(f"CREATE OR REPLACE TEMP VIEW selected AS SELECT * FROM predictions WHERE {cond}")
     n, ok, err, nlabels, mean = con.execute(
         "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE status = 'error'),"
@@ -158,7 +158,7 @@ def gather(output: str, *, model: str | None = None, per_label: int = 12, thumb:
     runs, commits, shard_errors = con.execute(
         f"SELECT count(DISTINCT run_id), count(*), coalesce(sum(shard_errors), 0) FROM runs WHERE {cond}").fetchall()[0]
     picked = {tuple(r) for r in con.sql(f"SELECT DISTINCT model, model_digest FROM runs WHERE {cond}").fetchall()}
-    versions = [v for v in reports.versions(con) if (v.model, v.model_digest) in picked]
+    versions = [v for v in queries.versions(con) if (v.model, v.model_digest) in picked]
     stats = {"images": n, "ok": ok, "errors": err, "labels": nlabels, "models": len(versions), "runs": runs,
              "commits": commits, "shard_errors": int(shard_errors), "mean_score": mean}
 
@@ -400,7 +400,7 @@ def render(d: ReportData, *, thumb: int = 96, threshold: float = 0.5) -> str:
 def main(args: argparse.Namespace) -> int:
     import fsspec
 
-    from pipeline.reports import ReportError
+    from pipeline.queries import ReportError
 
     for name in ("per_label", "thumb", "max_labels", "bins"):
         if getattr(args, name) < (0 if name == "per_label" else 1):
