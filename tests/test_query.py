@@ -103,8 +103,10 @@ def test_empty_table_has_empty_views(tmp_path):
     assert types["labelled_at"] == "TIMESTAMP WITH TIME ZONE"
     assert con.sql("SELECT count(*) FROM predictions").fetchall() == [(0,)]
     assert con.sql("SELECT * FROM runs").fetchall() == []
-    for name in ("summary", "labels", "low-confidence", "errors", "runs"):
-        assert queries.report(con, name).fetchall() == []
+    for name in queries.REPORTS.keys() - {"diff", "totals", "confidence"}:
+        assert queries.report(con, name).fetchall() == [], name
+    assert queries.report(con, "totals").fetchall() == [(0, 0, 0, 0, None, 0, 0, 0, 0)]
+    assert [r[-1] for r in queries.report(con, "confidence").fetchall()] == [0] * queries.BINS
     with pytest.raises(queries.ReportError, match="0 model versions"):
         queries.report(con, "diff")
 
@@ -265,6 +267,51 @@ def test_report_diff(local_output):
         queries.report(con, "diff", model_a=DA, model_b=DA[:20])
     with pytest.raises(queries.ReportError, match="expected both"):
         queries.report(con, "diff", model_a=DA)
+
+
+def test_reports_of_one_model_version(local_output, capsys):
+    """`model` keeps one version's rows and manifests in every report; the pooled reports the HTML page shows
+    (totals, label-counts, error-reasons, lowest-per-label) agree with pyarrow and with the per-model ones."""
+    output = local_output
+    populate(output)
+    con = table.connect(output)
+    t = committed(output)
+    for sel, digest in ((None, None), ("1a1a", DA), (DB, DB)):
+        sub = t if digest is None else t.filter(pc.equal(t["model_digest"], digest))
+        ok = _ok(sub)
+        totals = queries.report(con, "totals", model=sel).to_arrow_table().to_pylist()[0]
+        assert (totals["images"], totals["ok"], totals["error"]) == (sub.num_rows, ok.num_rows,
+                                                                     sub.num_rows - ok.num_rows)
+        assert (totals["models"], totals["commits"]) == ((2, 3) if digest is None else (1, 2 if digest == DA else 1))
+        counts = queries.report(con, "label-counts", model=sel).fetchall()
+        want = {r["label"]: r["count_all"] for r in ok.group_by("label").aggregate([([], "count_all")]).to_pylist()}
+        assert {lab: n for lab, n, _ in counts} == want
+        assert [n for _, n, _ in counts] == sorted(want.values(), reverse=True)
+        errs = queries.report(con, "error-reasons", model=sel).fetchall()
+        per_model = queries.report(con, "errors", model=sel).fetchall()
+        assert sorted((r, n) for r, n, _, _ in errs) == sorted((r, n) for _, r, n, _, _ in per_model)  # one model
+        lowest = queries.report(con, "lowest-per-label", model=sel, per_label=1, max_labels=2).to_arrow_table()
+        top2 = [lab for lab, _, _ in counts[:2]]
+        assert lowest["label"].to_pylist() == top2
+        assert lowest["score"].to_pylist() == [min(r["score"] for r in ok.to_pylist() if r["label"] == lab)
+                                               for lab in top2]
+        hist = queries.report(con, "confidence", model=sel, bins=4).fetchall()
+        assert [r[0] for r in hist] == [0, 1, 2, 3] and sum(r[3] for r in hist) == ok.num_rows
+        runs = queries.report(con, "runs", model=sel).to_arrow_table()
+        assert set(runs["digest"].to_pylist()) == {d[:19] for d in ([DA, DB] if digest is None else [digest])}
+    with pytest.raises(queries.ReportError, match="expected --model-a and --model-b, got --model"):
+        queries.report(con, "diff", model=DA)
+    with pytest.raises(queries.ReportError, match="bins: expected an integer >= 1, got 0"):
+        queries.report(con, "confidence", bins=0)
+    rc, text, _ = run_cli(capsys, output, "--report", "lowest-per-label", "--model", DB[:15], "--per-label", "1",
+                          "--max-labels", "1", "--format", "csv")
+    assert rc == 0 and [r["key"] for r in csv.DictReader(io.StringIO(text))] == ["a1"]  # cat: a1 0.60 < a0 0.97
+    rc, _, err = run_cli(capsys, output, "SELECT 1", "--model", DA)
+    assert rc == 2 and "--model: expected with --report" in err
+    with pytest.raises(SystemExit):
+        cli(["query", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"\n  {name} " in text for name in queries.REPORTS)  # each report listed with what it gives
 
 
 def test_report_diff_by_model_name(tmp_path):

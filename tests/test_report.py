@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import os
 import re
@@ -18,7 +19,7 @@ from PIL import Image
 
 from jobs import html_report
 from jobs.cli import main as cli
-from pipeline import table
+from pipeline import queries, table
 from pipeline.sink import write_staging
 from pipeline.sources import iter_shard, list_shards, write_webdataset
 
@@ -75,7 +76,7 @@ class Page(HTMLParser):
         self.bars: list[dict] = []
         self.bins: list[dict] = []
         self.stats: dict[str, str] = {}
-        self.errors: list[str] = []
+        self.errors: list[tuple[str, int, int]] = []  # (reason, images, shards)
         self.sheets: dict[str, list[dict]] = {}
         self.ids: set[str] = set()
         self.feed(text)
@@ -98,7 +99,7 @@ class Page(HTMLParser):
         if "data-stat" in a:
             self.stats[a["data-stat"]] = a["data-value"]
         if tag == "tr" and "data-reason" in a:
-            self.errors.append(a["data-reason"])
+            self.errors.append((a["data-reason"], int(a["data-images"]), int(a["data-shards"])))
         if "sheet" in classes:
             self.sheets[a["data-label"]] = []
         if "thumb" in classes:
@@ -155,7 +156,7 @@ def check_page(page: Page, want: dict) -> None:
     assert [int(b["data-count"]) for b in page.bins] == want["bins"]
     assert int(page.stats["images"]) == want["rows"] and int(page.stats["ok"]) == want["ok"]
     assert int(page.stats["errors"]) == want["rows"] - want["ok"] and page.stats["models"] == "1"
-    assert sorted(page.errors) == want["reasons"]
+    assert sorted(r for r, _, _ in page.errors) == want["reasons"]
     assert list(page.sheets) == [b["data-label"] for b in page.bars]  # most frequent label first
     for label, thumbs in page.sheets.items():
         assert [t["data-key"] for t in thumbs] == want["sheets"][label]  # lowest confidence first
@@ -171,6 +172,27 @@ def check_page(page: Page, want: dict) -> None:
     assert sum(len(v) for v in page.sheets.values()) == sum(len(v) for v in want["sheets"].values())
 
 
+def check_page_is_queries(page: Page, out: str, model: str | None = None) -> None:
+    """Every figure on the page is the result of a named report (pipeline.queries) on the same table."""
+    con = table.connect(out)
+
+    def q(name: str, **kw) -> list[dict]:
+        return queries.report(con, name, model=model, **kw).to_arrow_table().to_pylist()
+
+    totals = q("totals")[0]
+    cards = {"images": "images", "ok": "ok", "errors": "error", "labels": "labels", "models": "models",
+             "runs": "runs", "mean score": "mean_score"}
+    assert {k: page.stats[k] for k in cards} == {k: str(totals[c]) for k, c in cards.items()}
+    assert [(b["data-label"], int(b["data-count"])) for b in page.bars] == [
+        (r["label"], r["images"]) for r in q("label-counts")]
+    hist = q("confidence", bins=BINS)
+    assert [int(b["data-count"]) for b in page.bins] == [r["images"] for r in hist]
+    assert [float(b["data-lo"]) for b in page.bins] == pytest.approx([r["lo"] for r in hist], abs=1e-4)
+    assert page.errors == [(r["reason"], r["images"], r["shards"]) for r in q("error-reasons")]
+    assert [(label, t["data-source"], t["data-key"]) for label, ts in page.sheets.items() for t in ts] == [
+        (r["label"], r["source"], r["key"]) for r in q("lowest-per-label", per_label=PER_LABEL)]
+
+
 def render(out: str, dest: str, *extra: str) -> str:
     assert cli(["-q", "report", out, "--html", dest, "--per-label", str(PER_LABEL), "--thumb", str(THUMB),
                 "--bins", str(BINS), *extra]) == 0
@@ -178,13 +200,19 @@ def render(out: str, dest: str, *extra: str) -> str:
         return f.read()
 
 
-def test_report_page_matches_table(tmp_path):
+def test_report_page_matches_table(tmp_path, capsys):
     out, _ = build(str(tmp_path))
     text = render(out, str(tmp_path / "r.html"))
     want = expected(out)
     assert "gone" in want["sheets"]["cat"] and "x-005" in want["sheets"]["dog"]  # the fixture hits both cases
     assert want["sheets"]["cat"][0] != "x-001"  # the staged row (score 0.001) is not in the table
-    check_page(Page(text), want)
+    page = Page(text)
+    check_page(page, want)
+    check_page_is_queries(page, out)
+    capsys.readouterr()
+    assert cli(["-q", "query", out, "--report", "error-reasons", "--format", "json"]) == 0  # what the page shows
+    shown = [(r["reason"], r["images"], r["shards"]) for r in json.loads(capsys.readouterr().out)]
+    assert shown == page.errors and len(shown) == 2
     # self-contained: nothing is fetched from anywhere
     assert re.search(r'\b(src|href)\s*=\s*"(?!data:)', text) is None
     assert "@import" not in text and "url(" not in text and "<script" not in text and "<link" not in text
@@ -195,10 +223,12 @@ def test_report_model_filter_and_bad_model(tmp_path, capsys):
     relabel = [("x-000", "dog", 0.333), ("x-001", "dog", 0.444)]
     commit_shards(out, {first: relabel}, commit_id="c2", run_id="run-2", model="vit-b", digest="sha256:" + "2b" * 32)
     page = Page(render(out, str(tmp_path / "b.html"), "--model", "vit-b"))
+    check_page_is_queries(page, out, model="vit-b")
     assert {b["data-label"]: int(b["data-count"]) for b in page.bars} == {"dog": 2}
     assert page.stats["images"] == "2" and page.stats["models"] == "1"
     assert [t["data-key"] for t in page.sheets["dog"]] == ["x-000", "x-001"]
     page = Page(render(out, str(tmp_path / "all.html")))
+    check_page_is_queries(page, out)
     assert page.stats["models"] == "2"
     assert cli(["-q", "report", out, "--html", str(tmp_path / "x.html"), "--model", "nope"]) == 2
     assert "expected a model name or digest" in capsys.readouterr().err
