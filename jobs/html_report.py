@@ -84,10 +84,24 @@ def make_thumb(data: bytes, size: int) -> Thumb:
         return Thumb(None, error=f"decode_error: {type(e).__name__}: {e}"[:200])
 
 
-def _shard_for(source: str, config: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+def shard_format(recorded: str) -> str:
+    """A shard format as a manifest records it (tar, tar.gz, parquet, images, ...) -> pipeline.sources'."""
+    f = recorded.lower()
+    if f in ("webdataset", "tgz") or f == "tar" or f.startswith("tar."):
+        return "webdataset"
+    if f in ("parquet", "folder"):
+        return f
+    if f == "images":
+        return "folder"
+    raise ValueError(f"manifest shard format: expected tar, tar.gz, parquet or images, got {recorded!r}")
+
+
+def _shard_for(source: str, config: dict[str, Any], recorded: str | None = None) -> tuple[Any, dict[str, str]]:
+    """How to read `source` again: the format its manifest recorded; for older manifests (no format), the
+    run's `input_format`, else a guess from the name as `list_shards` makes it."""
     from pipeline.sources import PARQUET_SUFFIXES, WEBDATASET_SUFFIXES, Shard
 
-    fmt = config.get("input_format") or "auto"
+    fmt = shard_format(recorded) if recorded else config.get("input_format") or "auto"
     if fmt == "auto":
         low = source.lower()
         fmt = "webdataset" if low.endswith(WEBDATASET_SUFFIXES) else "parquet" if low.endswith(
@@ -96,14 +110,15 @@ def _shard_for(source: str, config: dict[str, Any]) -> tuple[Any, dict[str, str]
     return Shard(uri=source, format=fmt), kw
 
 
-def _read_shard(source: str, keys: set[str], config: dict[str, Any], size: int) -> dict[str, Thumb]:
+def _read_shard(source: str, keys: set[str], config: dict[str, Any], size: int, recorded: str | None = None
+                ) -> dict[str, Thumb]:
     """Thumbnails of `keys` from one shard, read once, stopping as soon as all keys are found."""
     from pipeline.sources import iter_shard
 
     found: dict[str, Thumb] = {}
     reason = "key not found in the shard"
     try:
-        shard, kw = _shard_for(source, config)
+        shard, kw = _shard_for(source, config, recorded)
         with contextlib.closing(iter_shard(shard, **kw)) as records:
             for rec in records:
                 if rec.key in keys and rec.key not in found:
@@ -119,18 +134,19 @@ def _read_shard(source: str, keys: set[str], config: dict[str, Any], size: int) 
     return found
 
 
-def fetch_thumbnails(wanted: Iterable[tuple[str, str]], size: int, configs: dict[str, dict[str, Any]] | None = None
-                     ) -> dict[tuple[str, str], Thumb]:
+def fetch_thumbnails(wanted: Iterable[tuple[str, str]], size: int, configs: dict[str, dict[str, Any]] | None = None,
+                     formats: dict[str, str] | None = None) -> dict[tuple[str, str], Thumb]:
     """{(source, key): Thumb} for every wanted (source, key); each source shard is read at most once.
 
-    `configs` maps a source to the run config that labelled it (input_format, image_column, key_column)."""
+    `configs` maps a source to the run config that labelled it (input_format, image_column, key_column),
+    `formats` to the shard format its manifest recorded (absent in manifests older than that field)."""
     by_source: dict[str, set[str]] = {}
     for source, key in wanted:
         by_source.setdefault(source, set()).add(key)
-    configs = configs or {}
+    configs, formats = configs or {}, formats or {}
     out: dict[tuple[str, str], Thumb] = {}
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        futures = {src: pool.submit(_read_shard, src, keys, configs.get(src, {}), size)
+        futures = {src: pool.submit(_read_shard, src, keys, configs.get(src, {}), size, formats.get(src))
                    for src, keys in by_source.items()}
         for src, fut in futures.items():
             out.update({(src, k): t for k, t in fut.result().items()})
@@ -169,10 +185,15 @@ def gather(output: str, *, model: str | None = None, per_label: int = PER_LABEL,
                            ).fetchall()
 
     configs: dict[str, dict[str, Any]] = {}
+    formats: dict[str, str] = {}
     for m in table.list_manifests(output):
-        for src in m.get("shards", {}):
+        for src, shard in m.get("shards", {}).items():
             configs[src] = m.get("config") or {}
-    thumbs = fetch_thumbnails(((s, k) for _, _, _, s, k, _ in picks), thumb, configs)
+            if isinstance(shard, dict) and shard.get("format"):
+                formats[src] = shard["format"]
+            else:
+                formats.pop(src, None)  # the latest manifest naming a shard says how it was read
+    thumbs = fetch_thumbnails(((s, k) for _, _, _, s, k, _ in picks), thumb, configs, formats)
     sheets: dict[str, list] = {lab: [] for lab, _, _ in labels}
     for lab, _, score, src, key, _ in picks:
         sheets[lab].append((src, key, score, thumbs[(src, key)]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import glob
 import io
 import json
 import math
@@ -244,6 +245,38 @@ def test_report_empty_table(tmp_path):
 def test_report_from_s3(s3, tmp_path):
     out, _ = build("s3://test-bucket/data")
     check_page(Page(render(out, str(tmp_path / "s3.html"))), expected(out))
+
+
+def test_report_reads_shards_in_their_recorded_format(tmp_path):
+    """A manifest's `shards[src]["format"]` says how to read a shard back; without it (older manifests) the
+    report guesses from the name, which fails for a WebDataset shard not named .tar."""
+    samples = [(f"k{i}", {"png": png(COLOURS["cat"], seed=i)}) for i in range(3)]
+    write_webdataset(str(tmp_path / "odd.shard"), samples)
+    uri = (tmp_path / "odd.shard").as_uri()
+    out = str(tmp_path / "table")
+    commit_shards(out, {uri: [(k, "cat", 0.2 + i / 10) for i, (k, _) in enumerate(samples)]}, commit_id="c1",
+                  run_id="run-1", model="vit-a", digest=DIGEST)
+    (path,) = glob.glob(f"{out}/_manifests/*.json")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+
+    def thumbs(recorded: str | None) -> list:
+        manifest["shards"][uri].pop("format", None)
+        if recorded:
+            manifest["shards"][uri]["format"] = recorded
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(manifest, f)
+        return [t for _, _, _, t in html_report.gather(out, per_label=3, thumb=32).sheets["cat"]]
+
+    old = thumbs(None)  # the guess: not a .tar or .parquet name, so a folder, which holds no such keys
+    assert len(old) == 3 and all(t.data_uri is None and t.error == "key not found in the shard" for t in old)
+    for recorded in ("tar", "webdataset"):
+        new = thumbs(recorded)
+        assert len(new) == 3 and all(t.data_uri and t.error is None for t in new), recorded
+    bad = html_report.fetch_thumbnails([(uri, "k0")], 32, formats={uri: "zip"})[(uri, "k0")]
+    assert bad.data_uri is None and "expected tar, tar.gz, parquet or images, got 'zip'" in bad.error
+    assert [html_report.shard_format(f) for f in ("tar", "tar.gz", "TGZ", "parquet", "images")] == [
+        "webdataset", "webdataset", "webdataset", "parquet", "folder"]
 
 
 def test_fetch_thumbnails_reads_each_shard_once_and_stops_early(tmp_path, monkeypatch):
