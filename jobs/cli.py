@@ -18,7 +18,9 @@ from typing import Any
 
 from pipeline.config import ConfigError, JobConfig, read_job_file
 
-SUBCOMMANDS = ("run", "nightly", "submit", "query", "report", "demo", "bench", "models")
+# subcommand -> the job module (jobs.<module>) that registers it
+SUBCOMMANDS = {"run": "run", "nightly": "nightly", "submit": "submit", "query": "query", "report": "html_report",
+               "demo": "demo", "bench": "bench", "models": "models"}
 _FIELD_HELP: dict[str, str] = {}
 
 
@@ -85,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        if importlib.util.find_spec(f"jobs.{name}") is not None:  # each job module registers itself
-            importlib.import_module(f"jobs.{name}").add_parser(sub)
+    for module in SUBCOMMANDS.values():
+        if importlib.util.find_spec(f"jobs.{module}") is not None:  # each job module registers itself
+            importlib.import_module(f"jobs.{module}").add_parser(sub)
     return parser
 
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 # Errors whose message says everything a user needs (no traceback): bad input, bad model, a failed wave.
 _USER_ERRORS = (("pipeline.plan", "RunFailed"), ("pipeline.sources", "SourceError"),
                 ("pipeline.models.checkpoint", "ModelError"), ("pipeline.sink", "CommitError"),
-                ("pipeline.reports", "ReportError"))
+                ("pipeline.queries", "ReportError"))
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -4,9 +4,10 @@
     vitlabel query OUTPUT "SELECT label, count(*) FROM predictions GROUP BY label"
     vitlabel query OUTPUT --report low-confidence --threshold 0.3 --format csv --out low.csv
     vitlabel query OUTPUT --report diff --model-a sha256:1a2b3c --model-b vit-b16
+    vitlabel query OUTPUT --report error-reasons --model vit-b16   # the errors table of `vitlabel report`
 
 Views: `predictions` (committed rows only, with `model` and `dt`) and `runs` (one row per manifest);
-see `pipeline.table.connect` and `pipeline.reports`.
+see `pipeline.table.connect` and `pipeline.queries` (the named reports, also behind `vitlabel report`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-from pipeline.reports import REPORTS
+from pipeline.queries import BINS, MAX_LABELS, PER_LABEL, REPORTS, THRESHOLD
 
 FORMATS = ("table", "csv", "json", "parquet")
 TABLE_ROWS = 50  # rows a table shows when --limit is not given
@@ -35,12 +36,23 @@ class QueryError(Exception):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    width = max(map(len, REPORTS))
+    reports = "\n".join(f"  {name:<{width}}  {what}" for name, what in REPORTS.items())
     p = sub.add_parser("query", help="run SQL or a built-in report over the committed rows of a table",
-                       description="DuckDB SQL over the committed rows: views `predictions` and `runs`.")
+                       description="DuckDB SQL over the committed rows: views `predictions` and `runs`.",
+                       epilog=f"reports (--report NAME):\n{reports}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", metavar="OUTPUT", help="table root: local path or fsspec URL (s3://bucket/labels)")
     p.add_argument("sql", metavar="SQL", nargs="?", help="a SELECT over predictions / runs ('-': read stdin)")
     p.add_argument("--report", choices=REPORTS, help="a built-in report instead of SQL (default: summary)")
-    p.add_argument("--threshold", type=float, default=0.5, help="low-confidence: score below (default: %(default)s)")
+    p.add_argument("--model", help="every report but diff: only this model version, name or digest (prefix)")
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
+                   help="low-confidence: score below (default: %(default)s)")
+    p.add_argument("--bins", type=int, default=BINS, help="confidence: histogram bins (default: %(default)s)")
+    p.add_argument("--per-label", type=int, default=PER_LABEL,
+                   help="lowest-per-label: rows per label (default: %(default)s)")
+    p.add_argument("--max-labels", type=int, default=MAX_LABELS,
+                   help="lowest-per-label: most frequent labels (default: %(default)s)")
     p.add_argument("--limit", type=int, help=f"at most N rows (the table format shows {TABLE_ROWS} by default)")
     p.add_argument("--model-a", help="diff: model name or digest (prefix) of version A")
     p.add_argument("--model-b", help="diff: model name or digest (prefix) of version B")
@@ -160,12 +172,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise QueryError(f"--limit: expected N >= 0, got {args.limit}")
     if (args.model_a or args.model_b) and args.report != "diff":
         raise QueryError(f"--model-a/--model-b: expected with --report diff, got --report {args.report}")
+    if args.model and args.sql:
+        raise QueryError("--model: expected with --report, got SQL (filter on model / model_digest in the SQL)")
 
 
 def run_query(args: argparse.Namespace, stdout: IO[str]) -> int:
     import duckdb
 
-    from pipeline import reports, table
+    from pipeline import queries, table
 
     _check_args(args)
     name = None if args.sql else (args.report or "summary")
@@ -176,11 +190,10 @@ def run_query(args: argparse.Namespace, stdout: IO[str]) -> int:
             if rel is None:
                 raise QueryError("SQL: expected a query that returns rows (SELECT ...), got a statement")
         else:
-            params = {"threshold": args.threshold} if name == "low-confidence" else {}
-            if name == "diff":
-                params = {"model_a": args.model_a, "model_b": args.model_b}
-            rel = reports.report(con, name, **params)
-        summary = reports.diff_summary(con, args.model_a, args.model_b) if name == "diff" else None
+            rel = queries.report(con, name, model=args.model, threshold=args.threshold, bins=args.bins,
+                                 per_label=args.per_label, max_labels=args.max_labels, model_a=args.model_a,
+                                 model_b=args.model_b)
+        summary = queries.diff_summary(con, args.model_a, args.model_b) if name == "diff" else None
         if args.limit is not None:
             rel = rel.limit(args.limit)
         out = args.out
@@ -203,7 +216,7 @@ def run_query(args: argparse.Namespace, stdout: IO[str]) -> int:
                 writer(rel.to_arrow_reader(65_536), f)
             if summary is not None:
                 print(_summary_line(summary), file=sys.stderr)
-    except reports.ReportError as e:
+    except queries.ReportError as e:
         raise QueryError(str(e)) from e
     except (duckdb.IOException, duckdb.HTTPException):
         raise  # the table could not be read: not the SQL's fault

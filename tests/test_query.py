@@ -17,7 +17,7 @@ import pytest
 from _tables import commit_shards, rows
 
 from jobs.cli import main as cli
-from pipeline import reports, table
+from pipeline import queries, table
 from pipeline.sink import output_schema, write_staging
 
 A, B = "s3://in/a.tar", "s3://in/b.tar"
@@ -103,10 +103,12 @@ def test_empty_table_has_empty_views(tmp_path):
     assert types["labelled_at"] == "TIMESTAMP WITH TIME ZONE"
     assert con.sql("SELECT count(*) FROM predictions").fetchall() == [(0,)]
     assert con.sql("SELECT * FROM runs").fetchall() == []
-    for name in ("summary", "labels", "low-confidence", "errors", "runs"):
-        assert reports.report(con, name).fetchall() == []
-    with pytest.raises(reports.ReportError, match="0 model versions"):
-        reports.report(con, "diff")
+    for name in queries.REPORTS.keys() - {"diff", "totals", "confidence"}:
+        assert queries.report(con, name).fetchall() == [], name
+    assert queries.report(con, "totals").fetchall() == [(0, 0, 0, 0, None, 0, 0, 0, 0)]
+    assert [r[-1] for r in queries.report(con, "confidence").fetchall()] == [0] * queries.BINS
+    with pytest.raises(queries.ReportError, match="0 model versions"):
+        queries.report(con, "diff")
 
 
 def test_staging_only_table_is_empty(tmp_path):
@@ -167,7 +169,7 @@ def _ok(t: pa.Table) -> pa.Table:
 def test_report_labels_matches_pyarrow(local_output):
     output = local_output
     populate(output)
-    got = reports.report(table.connect(output), "labels").to_arrow_table().to_pylist()
+    got = queries.report(table.connect(output), "labels").to_arrow_table().to_pylist()
     ok = _ok(committed(output))
     agg = ok.group_by(["model", "model_digest", "label"]).aggregate([("score", "count"), ("score", "mean"),
                                                                      ("score", "min")])
@@ -187,21 +189,21 @@ def test_report_low_confidence_matches_pyarrow(local_output):
     output = local_output
     populate(output)
     con = table.connect(output)
-    got = reports.report(con, "low-confidence", threshold=0.5).to_arrow_table()
+    got = queries.report(con, "low-confidence", threshold=0.5).to_arrow_table()
     ok = _ok(committed(output))
     low = ok.filter(pc.less(ok["score"], 0.5)).sort_by([("score", "ascending"), ("source", "ascending"),
                                                          ("key", "ascending")])
     assert got["key"].to_pylist() == low["key"].to_pylist() == ["b1", "a3", "a1", "a3"]
     assert got["score"].to_pylist() == low["score"].to_pylist()
     assert got["runner_up"].to_pylist() == [t[1] for t in low["topk_labels"].to_pylist()]
-    assert reports.report(con, "low-confidence", threshold=0.0).fetchall() == []
-    assert len(reports.report(con, "low-confidence", threshold=1.0).fetchall()) == ok.num_rows
+    assert queries.report(con, "low-confidence", threshold=0.0).fetchall() == []
+    assert len(queries.report(con, "low-confidence", threshold=1.0).fetchall()) == ok.num_rows
 
 
 def test_report_errors_matches_pyarrow(local_output):
     output = local_output
     populate(output)
-    got = reports.report(table.connect(output), "errors").to_arrow_table().to_pylist()
+    got = queries.report(table.connect(output), "errors").to_arrow_table().to_pylist()
     t = committed(output)
     err = t.filter(pc.equal(t["status"], "error"))
     want: dict[tuple[str, str], list] = {}
@@ -217,7 +219,7 @@ def test_report_errors_matches_pyarrow(local_output):
 def test_report_runs_matches_manifests(local_output):
     output = local_output
     populate(output)
-    got = reports.report(table.connect(output), "runs").to_arrow_table().to_pylist()
+    got = queries.report(table.connect(output), "runs").to_arrow_table().to_pylist()
     ms = table.list_manifests(output)
     assert [r["run_id"] for r in got] == [m["run_id"] for m in ms]
     for r, m in zip(got, ms, strict=True):
@@ -230,7 +232,7 @@ def test_report_runs_matches_manifests(local_output):
 def test_report_summary_matches_pyarrow(local_output):
     output = local_output
     populate(output)
-    got = {r["digest"]: r for r in reports.report(table.connect(output), "summary").to_arrow_table().to_pylist()}
+    got = {r["digest"]: r for r in queries.report(table.connect(output), "summary").to_arrow_table().to_pylist()}
     t = committed(output)
     for digest in (DA, DB):
         sub = t.filter(pc.equal(t["model_digest"], digest))
@@ -250,28 +252,73 @@ def test_report_diff(local_output):
     both = a.keys() & b.keys()
     differ = sorted(k for k in both if a[k] != b[k])
     for sel_a, sel_b in ((DA, DB), ("1a1a1a1a", "sha256:2b2b"), (None, None)):
-        got = reports.report(con, "diff", model_a=sel_a, model_b=sel_b).to_arrow_table()
+        got = queries.report(con, "diff", model_a=sel_a, model_b=sel_b).to_arrow_table()
         assert got["key"].to_pylist() == differ == ["a1", "a3"]
         assert [(r["label_a"], r["label_b"]) for r in got.to_pylist()] == [(a[k], b[k]) for k in differ]
-        s = reports.diff_summary(con, sel_a, sel_b)
+        s = queries.diff_summary(con, sel_a, sel_b)
         assert (s["both"], s["agree"], s["differ"]) == (len(both), len(both) - 2, 2)
         assert s["agreement"] == pytest.approx((len(both) - 2) / len(both))
         assert (s["images_a"], s["images_b"]) == (len(a), len(b))
-    reverse = reports.report(con, "diff", model_a=DB, model_b=DA).to_arrow_table()
+    reverse = queries.report(con, "diff", model_a=DB, model_b=DA).to_arrow_table()
     assert reverse["label_a"].to_pylist() == [b[k] for k in differ]
-    with pytest.raises(reports.ReportError, match="expected a model name or digest"):
-        reports.report(con, "diff", model_a="nope", model_b=DA)
-    with pytest.raises(reports.ReportError, match="two different"):
-        reports.report(con, "diff", model_a=DA, model_b=DA[:20])
-    with pytest.raises(reports.ReportError, match="expected both"):
-        reports.report(con, "diff", model_a=DA)
+    with pytest.raises(queries.ReportError, match="expected a model name or digest"):
+        queries.report(con, "diff", model_a="nope", model_b=DA)
+    with pytest.raises(queries.ReportError, match="two different"):
+        queries.report(con, "diff", model_a=DA, model_b=DA[:20])
+    with pytest.raises(queries.ReportError, match="expected both"):
+        queries.report(con, "diff", model_a=DA)
+
+
+def test_reports_of_one_model_version(local_output, capsys):
+    """`model` keeps one version's rows and manifests in every report; the pooled reports the HTML page shows
+    (totals, label-counts, error-reasons, lowest-per-label) agree with pyarrow and with the per-model ones."""
+    output = local_output
+    populate(output)
+    con = table.connect(output)
+    t = committed(output)
+    for sel, digest in ((None, None), ("1a1a", DA), (DB, DB)):
+        sub = t if digest is None else t.filter(pc.equal(t["model_digest"], digest))
+        ok = _ok(sub)
+        totals = queries.report(con, "totals", model=sel).to_arrow_table().to_pylist()[0]
+        assert (totals["images"], totals["ok"], totals["error"]) == (sub.num_rows, ok.num_rows,
+                                                                     sub.num_rows - ok.num_rows)
+        assert (totals["models"], totals["commits"]) == ((2, 3) if digest is None else (1, 2 if digest == DA else 1))
+        counts = queries.report(con, "label-counts", model=sel).fetchall()
+        want = {r["label"]: r["count_all"] for r in ok.group_by("label").aggregate([([], "count_all")]).to_pylist()}
+        assert {lab: n for lab, n, _ in counts} == want
+        assert [n for _, n, _ in counts] == sorted(want.values(), reverse=True)
+        errs = queries.report(con, "error-reasons", model=sel).fetchall()
+        per_model = queries.report(con, "errors", model=sel).fetchall()
+        assert sorted((r, n) for r, n, _, _ in errs) == sorted((r, n) for _, r, n, _, _ in per_model)  # one model
+        lowest = queries.report(con, "lowest-per-label", model=sel, per_label=1, max_labels=2).to_arrow_table()
+        top2 = [lab for lab, _, _ in counts[:2]]
+        assert lowest["label"].to_pylist() == top2
+        assert lowest["score"].to_pylist() == [min(r["score"] for r in ok.to_pylist() if r["label"] == lab)
+                                               for lab in top2]
+        hist = queries.report(con, "confidence", model=sel, bins=4).fetchall()
+        assert [r[0] for r in hist] == [0, 1, 2, 3] and sum(r[3] for r in hist) == ok.num_rows
+        runs = queries.report(con, "runs", model=sel).to_arrow_table()
+        assert set(runs["digest"].to_pylist()) == {d[:19] for d in ([DA, DB] if digest is None else [digest])}
+    with pytest.raises(queries.ReportError, match="expected --model-a and --model-b, got --model"):
+        queries.report(con, "diff", model=DA)
+    with pytest.raises(queries.ReportError, match="bins: expected an integer >= 1, got 0"):
+        queries.report(con, "confidence", bins=0)
+    rc, text, _ = run_cli(capsys, output, "--report", "lowest-per-label", "--model", DB[:15], "--per-label", "1",
+                          "--max-labels", "1", "--format", "csv")
+    assert rc == 0 and [r["key"] for r in csv.DictReader(io.StringIO(text))] == ["a1"]  # cat: a1 0.60 < a0 0.97
+    rc, _, err = run_cli(capsys, output, "SELECT 1", "--model", DA)
+    assert rc == 2 and "--model: expected with --report" in err
+    with pytest.raises(SystemExit):
+        cli(["query", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"\n  {name} " in text for name in queries.REPORTS)  # each report listed with what it gives
 
 
 def test_report_diff_by_model_name(tmp_path):
     out = str(tmp_path / "labels")
     commit_shards(out, {A: SHARD_A}, commit_id="c1", run_id="run-1", model="vit-small", digest=DA)
     commit_shards(out, {A: SHARD_A_V2}, commit_id="c2", run_id="run-2", model="vit-large", digest=DB)
-    got = reports.report(table.connect(out), "diff", model_a="vit-small", model_b="vit-large").fetchall()
+    got = queries.report(table.connect(out), "diff", model_a="vit-small", model_b="vit-large").fetchall()
     assert [r[1] for r in got] == ["a1", "a3"]
 
 

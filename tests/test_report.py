@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import glob
 import io
+import json
 import math
 import os
 import re
@@ -16,9 +18,9 @@ import pytest
 from _tables import LABELS, commit_shards, png, rows
 from PIL import Image
 
-from jobs import report
+from jobs import html_report
 from jobs.cli import main as cli
-from pipeline import table
+from pipeline import queries, table
 from pipeline.sink import write_staging
 from pipeline.sources import iter_shard, list_shards, write_webdataset
 
@@ -75,7 +77,7 @@ class Page(HTMLParser):
         self.bars: list[dict] = []
         self.bins: list[dict] = []
         self.stats: dict[str, str] = {}
-        self.errors: list[str] = []
+        self.errors: list[tuple[str, int, int]] = []  # (reason, images, shards)
         self.sheets: dict[str, list[dict]] = {}
         self.ids: set[str] = set()
         self.feed(text)
@@ -98,7 +100,7 @@ class Page(HTMLParser):
         if "data-stat" in a:
             self.stats[a["data-stat"]] = a["data-value"]
         if tag == "tr" and "data-reason" in a:
-            self.errors.append(a["data-reason"])
+            self.errors.append((a["data-reason"], int(a["data-images"]), int(a["data-shards"])))
         if "sheet" in classes:
             self.sheets[a["data-label"]] = []
         if "thumb" in classes:
@@ -155,7 +157,7 @@ def check_page(page: Page, want: dict) -> None:
     assert [int(b["data-count"]) for b in page.bins] == want["bins"]
     assert int(page.stats["images"]) == want["rows"] and int(page.stats["ok"]) == want["ok"]
     assert int(page.stats["errors"]) == want["rows"] - want["ok"] and page.stats["models"] == "1"
-    assert sorted(page.errors) == want["reasons"]
+    assert sorted(r for r, _, _ in page.errors) == want["reasons"]
     assert list(page.sheets) == [b["data-label"] for b in page.bars]  # most frequent label first
     for label, thumbs in page.sheets.items():
         assert [t["data-key"] for t in thumbs] == want["sheets"][label]  # lowest confidence first
@@ -171,6 +173,27 @@ def check_page(page: Page, want: dict) -> None:
     assert sum(len(v) for v in page.sheets.values()) == sum(len(v) for v in want["sheets"].values())
 
 
+def check_page_is_queries(page: Page, out: str, model: str | None = None) -> None:
+    """Every figure on the page is the result of a named report (pipeline.queries) on the same table."""
+    con = table.connect(out)
+
+    def q(name: str, **kw) -> list[dict]:
+        return queries.report(con, name, model=model, **kw).to_arrow_table().to_pylist()
+
+    totals = q("totals")[0]
+    cards = {"images": "images", "ok": "ok", "errors": "error", "labels": "labels", "models": "models",
+             "runs": "runs", "mean score": "mean_score"}
+    assert {k: page.stats[k] for k in cards} == {k: str(totals[c]) for k, c in cards.items()}
+    assert [(b["data-label"], int(b["data-count"])) for b in page.bars] == [
+        (r["label"], r["images"]) for r in q("label-counts")]
+    hist = q("confidence", bins=BINS)
+    assert [int(b["data-count"]) for b in page.bins] == [r["images"] for r in hist]
+    assert [float(b["data-lo"]) for b in page.bins] == pytest.approx([r["lo"] for r in hist], abs=1e-4)
+    assert page.errors == [(r["reason"], r["images"], r["shards"]) for r in q("error-reasons")]
+    assert [(label, t["data-source"], t["data-key"]) for label, ts in page.sheets.items() for t in ts] == [
+        (r["label"], r["source"], r["key"]) for r in q("lowest-per-label", per_label=PER_LABEL)]
+
+
 def render(out: str, dest: str, *extra: str) -> str:
     assert cli(["-q", "report", out, "--html", dest, "--per-label", str(PER_LABEL), "--thumb", str(THUMB),
                 "--bins", str(BINS), *extra]) == 0
@@ -178,13 +201,19 @@ def render(out: str, dest: str, *extra: str) -> str:
         return f.read()
 
 
-def test_report_page_matches_table(tmp_path):
+def test_report_page_matches_table(tmp_path, capsys):
     out, _ = build(str(tmp_path))
     text = render(out, str(tmp_path / "r.html"))
     want = expected(out)
     assert "gone" in want["sheets"]["cat"] and "x-005" in want["sheets"]["dog"]  # the fixture hits both cases
     assert want["sheets"]["cat"][0] != "x-001"  # the staged row (score 0.001) is not in the table
-    check_page(Page(text), want)
+    page = Page(text)
+    check_page(page, want)
+    check_page_is_queries(page, out)
+    capsys.readouterr()
+    assert cli(["-q", "query", out, "--report", "error-reasons", "--format", "json"]) == 0  # what the page shows
+    shown = [(r["reason"], r["images"], r["shards"]) for r in json.loads(capsys.readouterr().out)]
+    assert shown == page.errors and len(shown) == 2
     # self-contained: nothing is fetched from anywhere
     assert re.search(r'\b(src|href)\s*=\s*"(?!data:)', text) is None
     assert "@import" not in text and "url(" not in text and "<script" not in text and "<link" not in text
@@ -195,10 +224,12 @@ def test_report_model_filter_and_bad_model(tmp_path, capsys):
     relabel = [("x-000", "dog", 0.333), ("x-001", "dog", 0.444)]
     commit_shards(out, {first: relabel}, commit_id="c2", run_id="run-2", model="vit-b", digest="sha256:" + "2b" * 32)
     page = Page(render(out, str(tmp_path / "b.html"), "--model", "vit-b"))
+    check_page_is_queries(page, out, model="vit-b")
     assert {b["data-label"]: int(b["data-count"]) for b in page.bars} == {"dog": 2}
     assert page.stats["images"] == "2" and page.stats["models"] == "1"
     assert [t["data-key"] for t in page.sheets["dog"]] == ["x-000", "x-001"]
     page = Page(render(out, str(tmp_path / "all.html")))
+    check_page_is_queries(page, out)
     assert page.stats["models"] == "2"
     assert cli(["-q", "report", out, "--html", str(tmp_path / "x.html"), "--model", "nope"]) == 2
     assert "expected a model name or digest" in capsys.readouterr().err
@@ -214,6 +245,38 @@ def test_report_empty_table(tmp_path):
 def test_report_from_s3(s3, tmp_path):
     out, _ = build("s3://test-bucket/data")
     check_page(Page(render(out, str(tmp_path / "s3.html"))), expected(out))
+
+
+def test_report_reads_shards_in_their_recorded_format(tmp_path):
+    """A manifest's `shards[src]["format"]` says how to read a shard back; without it (older manifests) the
+    report guesses from the name, which fails for a WebDataset shard not named .tar."""
+    samples = [(f"k{i}", {"png": png(COLOURS["cat"], seed=i)}) for i in range(3)]
+    write_webdataset(str(tmp_path / "odd.shard"), samples)
+    uri = (tmp_path / "odd.shard").as_uri()
+    out = str(tmp_path / "table")
+    commit_shards(out, {uri: [(k, "cat", 0.2 + i / 10) for i, (k, _) in enumerate(samples)]}, commit_id="c1",
+                  run_id="run-1", model="vit-a", digest=DIGEST)
+    (path,) = glob.glob(f"{out}/_manifests/*.json")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+
+    def thumbs(recorded: str | None) -> list:
+        manifest["shards"][uri].pop("format", None)
+        if recorded:
+            manifest["shards"][uri]["format"] = recorded
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(manifest, f)
+        return [t for _, _, _, t in html_report.gather(out, per_label=3, thumb=32).sheets["cat"]]
+
+    old = thumbs(None)  # the guess: not a .tar or .parquet name, so a folder, which holds no such keys
+    assert len(old) == 3 and all(t.data_uri is None and t.error == "key not found in the shard" for t in old)
+    for recorded in ("tar", "webdataset"):
+        new = thumbs(recorded)
+        assert len(new) == 3 and all(t.data_uri and t.error is None for t in new), recorded
+    bad = html_report.fetch_thumbnails([(uri, "k0")], 32, formats={uri: "zip"})[(uri, "k0")]
+    assert bad.data_uri is None and "expected tar, tar.gz, parquet or images, got 'zip'" in bad.error
+    assert [html_report.shard_format(f) for f in ("tar", "tar.gz", "TGZ", "parquet", "images")] == [
+        "webdataset", "webdataset", "webdataset", "parquet", "folder"]
 
 
 def test_fetch_thumbnails_reads_each_shard_once_and_stops_early(tmp_path, monkeypatch):
@@ -234,22 +297,22 @@ def test_fetch_thumbnails_reads_each_shard_once_and_stops_early(tmp_path, monkey
 
     monkeypatch.setattr(pipeline.sources, "iter_shard", counting)
     wanted = [(uris["good.tar"], "k4"), (uris["good.tar"], "k1"), (uris["cut.tar"], "k0"), (uris["good.tar"], "k1")]
-    got = report.fetch_thumbnails(wanted, 32)
+    got = html_report.fetch_thumbnails(wanted, 32)
     assert sorted(calls) == sorted([uris["good.tar"], uris["cut.tar"]])  # one read per shard
     assert set(got) == set(wanted)
     assert all(t.data_uri and t.error is None for t in got.values())  # k0 read before the cut: no error
-    got = report.fetch_thumbnails([(uris["cut.tar"], "k5"), (uris["cut.tar"], "k0")], 32)
+    got = html_report.fetch_thumbnails([(uris["cut.tar"], "k5"), (uris["cut.tar"], "k0")], 32)
     assert got[(uris["cut.tar"], "k0")].data_uri and got[(uris["cut.tar"], "k5")].error.startswith("shard unreadable")
-    got = report.fetch_thumbnails([("file:///nowhere/x.tar", "k0")], 32)
+    got = html_report.fetch_thumbnails([("file:///nowhere/x.tar", "k0")], 32)
     assert got[("file:///nowhere/x.tar", "k0")].error.startswith("shard unreadable")
 
 
 def test_make_thumb():
-    t = report.make_thumb(png((10, 200, 30), (300, 120)), 96)
+    t = html_report.make_thumb(png((10, 200, 30), (300, 120)), 96)
     assert (t.width, t.height) == (96, 38) and decode_data_uri(t.data_uri).size == (96, 38)
-    t = report.make_thumb(png((10, 200, 30), (20, 10)), 96)  # never enlarged: the page scales it
+    t = html_report.make_thumb(png((10, 200, 30), (20, 10)), 96)  # never enlarged: the page scales it
     assert (t.width, t.height) == (20, 10) and t.data_uri.startswith("data:image/png")
-    t = report.make_thumb(b"\x89PNG\r\n\x1a\n broken", 96)
+    t = html_report.make_thumb(b"\x89PNG\r\n\x1a\n broken", 96)
     assert t.data_uri is None and t.error.startswith("decode_error")
 
 

@@ -4,8 +4,13 @@ Summary numbers, images per label (bar chart), top-1 confidence (histogram), err
 contact sheet per label, lowest confidence first, with thumbnails read back from the source shards.
 Everything is inline (CSS, SVG, thumbnails as data: URIs): the file opens anywhere, offline.
 
+Each figure is a named report of pipeline.queries (totals, label-counts, confidence, error-reasons,
+lowest-per-label), so `vitlabel query OUTPUT --report NAME` prints the numbers the page shows; this
+module has no SQL of its own. It owns reading thumbnails back and rendering.
+
 Stable hooks for tests and scripts: #summary [data-stat], #label-chart .bar[data-label][data-count],
-#confidence-histogram .bin[data-count], #errors, .sheet[data-label] .thumb[data-key][data-score].
+#confidence-histogram .bin[data-count], #errors tr[data-reason][data-images][data-shards],
+.sheet[data-label] .thumb[data-key][data-score].
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.queries import BINS, MAX_LABELS, PER_LABEL, THRESHOLD
+
 log = logging.getLogger(__name__)
 
 THREADS = 8  # shards read at once for thumbnails
@@ -32,13 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML report (charts and thumbnails per label)")
     p.add_argument("output", metavar="OUTPUT", help="table root: local path or fsspec URL (s3://bucket/labels)")
     p.add_argument("--html", required=True, metavar="FILE", help="where to write the page (local or fsspec URL)")
-    p.add_argument("--per-label", type=int, default=12, help="thumbnails per label (default: %(default)s)")
+    p.add_argument("--per-label", type=int, default=PER_LABEL, help="thumbnails per label (default: %(default)s)")
     p.add_argument("--thumb", type=int, default=96, help="thumbnail size in pixels (default: %(default)s)")
     p.add_argument("--model", help="only this model version: name or digest (prefix); default: all rows")
-    p.add_argument("--max-labels", type=int, default=100,
+    p.add_argument("--max-labels", type=int, default=MAX_LABELS,
                    help="labels shown, most frequent first (default: %(default)s)")
-    p.add_argument("--bins", type=int, default=20, help="confidence histogram bins (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--bins", type=int, default=BINS, help="confidence histogram bins (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
                    help="low-confidence line on the histogram (default: %(default)s)")
     p.set_defaults(func=main)
 
@@ -77,10 +84,24 @@ def make_thumb(data: bytes, size: int) -> Thumb:
         return Thumb(None, error=f"decode_error: {type(e).__name__}: {e}"[:200])
 
 
-def _shard_for(source: str, config: dict[str, Any]) -> tuple[Any, dict[str, str]]:
+def shard_format(recorded: str) -> str:
+    """A shard format as a manifest records it (tar, tar.gz, parquet, images, ...) -> pipeline.sources'."""
+    f = recorded.lower()
+    if f in ("webdataset", "tgz") or f == "tar" or f.startswith("tar."):
+        return "webdataset"
+    if f in ("parquet", "folder"):
+        return f
+    if f == "images":
+        return "folder"
+    raise ValueError(f"manifest shard format: expected tar, tar.gz, parquet or images, got {recorded!r}")
+
+
+def _shard_for(source: str, config: dict[str, Any], recorded: str | None = None) -> tuple[Any, dict[str, str]]:
+    """How to read `source` again: the format its manifest recorded; for older manifests (no format), the
+    run's `input_format`, else a guess from the name as `list_shards` makes it."""
     from pipeline.sources import PARQUET_SUFFIXES, WEBDATASET_SUFFIXES, Shard
 
-    fmt = config.get("input_format") or "auto"
+    fmt = shard_format(recorded) if recorded else config.get("input_format") or "auto"
     if fmt == "auto":
         low = source.lower()
         fmt = "webdataset" if low.endswith(WEBDATASET_SUFFIXES) else "parquet" if low.endswith(
@@ -89,14 +110,15 @@ def _shard_for(source: str, config: dict[str, Any]) -> tuple[Any, dict[str, str]
     return Shard(uri=source, format=fmt), kw
 
 
-def _read_shard(source: str, keys: set[str], config: dict[str, Any], size: int) -> dict[str, Thumb]:
+def _read_shard(source: str, keys: set[str], config: dict[str, Any], size: int, recorded: str | None = None
+                ) -> dict[str, Thumb]:
     """Thumbnails of `keys` from one shard, read once, stopping as soon as all keys are found."""
     from pipeline.sources import iter_shard
 
     found: dict[str, Thumb] = {}
     reason = "key not found in the shard"
     try:
-        shard, kw = _shard_for(source, config)
+        shard, kw = _shard_for(source, config, recorded)
         with contextlib.closing(iter_shard(shard, **kw)) as records:
             for rec in records:
                 if rec.key in keys and rec.key not in found:
@@ -112,18 +134,19 @@ def _read_shard(source: str, keys: set[str], config: dict[str, Any], size: int) 
     return found
 
 
-def fetch_thumbnails(wanted: Iterable[tuple[str, str]], size: int, configs: dict[str, dict[str, Any]] | None = None
-                     ) -> dict[tuple[str, str], Thumb]:
+def fetch_thumbnails(wanted: Iterable[tuple[str, str]], size: int, configs: dict[str, dict[str, Any]] | None = None,
+                     formats: dict[str, str] | None = None) -> dict[tuple[str, str], Thumb]:
     """{(source, key): Thumb} for every wanted (source, key); each source shard is read at most once.
 
-    `configs` maps a source to the run config that labelled it (input_format, image_column, key_column)."""
+    `configs` maps a source to the run config that labelled it (input_format, image_column, key_column),
+    `formats` to the shard format its manifest recorded (absent in manifests older than that field)."""
     by_source: dict[str, set[str]] = {}
     for source, key in wanted:
         by_source.setdefault(source, set()).add(key)
-    configs = configs or {}
+    configs, formats = configs or {}, formats or {}
     out: dict[tuple[str, str], Thumb] = {}
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        futures = {src: pool.submit(_read_shard, src, keys, configs.get(src, {}), size)
+        futures = {src: pool.submit(_read_shard, src, keys, configs.get(src, {}), size, formats.get(src))
                    for src, keys in by_source.items()}
         for src, fut in futures.items():
             out.update({(src, k): t for k, t in fut.result().items()})
@@ -145,50 +168,37 @@ class ReportData:
     sheets: dict[str, list[tuple[str, str, float, Thumb]]]  # label -> [(source, key, score, thumb)]
 
 
-def gather(output: str, *, model: str | None = None, per_label: int = 12, thumb: int = 96, max_labels: int = 100,
-           bins: int = 20) -> ReportData:
-    from pipeline import reports, table
+def gather(output: str, *, model: str | None = None, per_label: int = PER_LABEL, thumb: int = 96,
+           max_labels: int = MAX_LABELS, bins: int = BINS) -> ReportData:
+    """The page's figures, each one named report of pipeline.queries over the same selection, and the
+    thumbnails of the `lowest-per-label` rows."""
+    from pipeline import queries, table
 
     con = table.connect(output)
-    cond = reports.version_filter(con, model) if model else "true"
-    con.execute(f"CREATE OR REPLACE TEMP VIEW selected AS SELECT * FROM predictions WHERE {cond}")
-    n, ok, err, nlabels, mean = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE status = 'error'),"
-        " count(DISTINCT label), avg(score) FROM selected").fetchall()[0]
-    runs, commits, shard_errors = con.execute(
-        f"SELECT count(DISTINCT run_id), count(*), coalesce(sum(shard_errors), 0) FROM runs WHERE {cond}").fetchall()[0]
-    picked = {tuple(r) for r in con.sql(f"SELECT DISTINCT model, model_digest FROM runs WHERE {cond}").fetchall()}
-    versions = [v for v in reports.versions(con) if (v.model, v.model_digest) in picked]
-    stats = {"images": n, "ok": ok, "errors": err, "labels": nlabels, "models": len(versions), "runs": runs,
-             "commits": commits, "shard_errors": int(shard_errors), "mean_score": mean}
-
-    all_labels = con.sql("SELECT label, count(*) AS n, avg(score) FROM selected WHERE status = 'ok'"
-                         " GROUP BY label ORDER BY n DESC, label").fetchall()
+    stats = queries.report(con, "totals", model=model).to_arrow_table().to_pylist()[0]
+    stats["errors"] = stats.pop("error")
+    all_labels = queries.report(con, "label-counts", model=model).fetchall()
     labels, rest = all_labels[:max_labels], all_labels[max_labels:]
-    hist = dict(con.sql(
-        f"SELECT least(CAST(floor(score * {bins}) AS INTEGER), {bins - 1}) AS bin, count(*) FROM selected"
-        " WHERE status = 'ok' AND score IS NOT NULL GROUP BY bin").fetchall())
-    errors = con.sql(
-        "SELECT coalesce(nullif(split_part(error, ':', 1), ''), 'unknown') AS reason, count(*) AS n,"
-        " count(DISTINCT source), min(error) FROM selected WHERE status = 'error'"
-        " GROUP BY reason ORDER BY n DESC, reason").fetchall()
+    hist = [n for _, _, _, n in queries.report(con, "confidence", model=model, bins=bins).fetchall()]
+    errors = queries.report(con, "error-reasons", model=model).fetchall()
+    picks = queries.report(con, "lowest-per-label", model=model, per_label=per_label, max_labels=max_labels
+                           ).fetchall()
 
-    shown = [lab for lab, _, _ in labels]
-    picks = con.execute(
-        "SELECT label, source, key, score FROM selected WHERE status = 'ok' AND list_contains(?, label)"
-        " QUALIFY row_number() OVER (PARTITION BY label ORDER BY score, source, key) <= ?"
-        " ORDER BY label, score, source, key", [shown, per_label]).fetchall() if shown and per_label > 0 else []
-    configs = {}
+    configs: dict[str, dict[str, Any]] = {}
+    formats: dict[str, str] = {}
     for m in table.list_manifests(output):
-        for src in m.get("shards", {}):
+        for src, shard in m.get("shards", {}).items():
             configs[src] = m.get("config") or {}
-    thumbs = fetch_thumbnails(((s, k) for _, s, k, _ in picks), thumb, configs)
-    sheets: dict[str, list] = {lab: [] for lab in shown}
-    for lab, src, key, score in picks:
+            if isinstance(shard, dict) and shard.get("format"):
+                formats[src] = shard["format"]
+            else:
+                formats.pop(src, None)  # the latest manifest naming a shard says how it was read
+    thumbs = fetch_thumbnails(((s, k) for _, _, _, s, k, _ in picks), thumb, configs, formats)
+    sheets: dict[str, list] = {lab: [] for lab, _, _ in labels}
+    for lab, _, score, src, key, _ in picks:
         sheets[lab].append((src, key, score, thumbs[(src, key)]))
-    return ReportData(output=output, stats=stats, versions=versions, labels=labels,
-                      other_labels=(len(rest), sum(r[1] for r in rest)),
-                      bins=[int(hist.get(i, 0)) for i in range(bins)], errors=errors, sheets=sheets)
+    return ReportData(output=output, stats=stats, versions=queries.versions(con, model), labels=labels,
+                      other_labels=(len(rest), sum(r[1] for r in rest)), bins=hist, errors=errors, sheets=sheets)
 
 
 # --------------------------------------------------------------------------------------------------- HTML
@@ -331,8 +341,9 @@ def _errors_table(errors: list[tuple[str, int, int, str]], shard_errors: int) ->
             "(see <code>vitlabel query OUTPUT --report runs</code>).</p>") if shard_errors else ""
     if not errors:
         return '<p class="empty">No error rows.</p>' + note
-    rows = "".join(f'<tr data-reason="{_e(r)}"><td>{_e(r)}</td><td class="num">{n:,}</td><td class="num">{s:,}</td>'
-                   f"<td><code>{_e(ex[:160])}</code></td></tr>" for r, n, s, ex in errors)
+    rows = "".join(f'<tr data-reason="{_e(r)}" data-images="{n}" data-shards="{s}"><td>{_e(r)}</td>'
+                   f'<td class="num">{n:,}</td><td class="num">{s:,}</td><td><code>{_e(ex[:160])}</code></td></tr>'
+                   for r, n, s, ex in errors)
     return ("<table><thead><tr><th>reason</th><th>images</th><th>shards</th><th>example</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>" + note)
 
@@ -360,7 +371,7 @@ def _sheet(i: int, label: str, count: int, mean: float | None, items: list, size
             f'</h3><div class="grid">{body}</div></section>')
 
 
-def render(d: ReportData, *, thumb: int = 96, threshold: float = 0.5) -> str:
+def render(d: ReportData, *, thumb: int = 96, threshold: float = THRESHOLD) -> str:
     s = d.stats
     cards = [("images", s["images"]), ("ok", s["ok"]), ("errors", s["errors"]), ("labels", s["labels"]),
              ("models", s["models"]), ("runs", s["runs"]), ("mean score", s["mean_score"])]
@@ -400,7 +411,7 @@ def render(d: ReportData, *, thumb: int = 96, threshold: float = 0.5) -> str:
 def main(args: argparse.Namespace) -> int:
     import fsspec
 
-    from pipeline.reports import ReportError
+    from pipeline.queries import ReportError
 
     for name in ("per_label", "thumb", "max_labels", "bins"):
         if getattr(args, name) < (0 if name == "per_label" else 1):
