@@ -52,6 +52,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import INTEGRITY_FAILED, RETRYABLE_SHARD_CODES, UNTRUSTED_ROW_CODE, redact, redact_obj
+from pipeline.schema import ERROR_VALUES, as_table, output_schema, output_table, split_markers
+from pipeline.schema import markers as shard_markers
 from pipeline.storage import create_only
 
 logger = logging.getLogger(__name__)
@@ -62,34 +64,10 @@ PENDING_DIR = "_pending"  # write-ahead intents; `_`-prefixed: readers skip it, 
 STAGING_GRACE_S = 6 * 3600.0  # recover() leaves younger staging folders alone unless the caller is the only writer
 MANIFEST_VERSION = 1
 PARTITION_COLUMNS = ("model", "dt")
-MARKER_COLUMN = "shard_images"  # -1 on image rows; N >= 0 on the one marker row per shard
 ROW_GROUP_ROWS = 65_536  # flush a row group at this many buffered rows ...
 ROW_GROUP_BYTES = 64 << 20  # ... or this many buffered bytes, whichever comes first
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,120}")
 _DT_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-# Columns every batch reaching the sink must carry (besides the optional embedding and shard_images).
-_INPUT_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("image_id", pa.string()),
-    ("source", pa.string()),
-    ("key", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("label", pa.string()),
-    ("label_id", pa.int32()),
-    ("score", pa.float32()),  # null for error rows (NaN is turned into null: SQL aggregates skip nulls)
-    ("topk_labels", pa.list_(pa.string())),
-    ("topk_ids", pa.list_(pa.int32())),
-    ("topk_scores", pa.list_(pa.float32())),
-]
-_EMBEDDING_FIELD = ("embedding", pa.list_(pa.float32()))
-_RUN_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("model_digest", pa.string()),
-    ("run_id", pa.string()),
-    ("labelled_at", pa.timestamp("us", tz="UTC")),
-]
 
 
 class CommitError(RuntimeError):
@@ -101,12 +79,6 @@ class CommitError(RuntimeError):
     def __init__(self, message: str, shards: list[str] | None = None) -> None:
         super().__init__(message)
         self.shards = list(shards or [])
-
-
-def output_schema(embeddings: bool) -> pa.Schema:
-    """Columns stored in each Parquet file. `model` and `dt` are NOT here: they are hive path partitions."""
-    fields = list(_INPUT_FIELDS) + ([_EMBEDDING_FIELD] if embeddings else []) + list(_RUN_FIELDS)
-    return pa.schema(fields)
 
 
 # ---------------------------------------------------------------------------------------------- filesystem
@@ -149,80 +121,6 @@ def pending_path(commit_id: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- write tasks
-
-
-def _to_list_array(arr: pa.Array, value_type: pa.DataType) -> pa.Array:
-    """One chunk of a list-like column (list, large_list, fixed_size_list, Ray tensor extension) -> list<value_type>."""
-    target = pa.list_(value_type)
-    if isinstance(arr.type, pa.ExtensionType):
-        # Ray stores [B, k] numpy columns as tensor extension arrays; numpy unicode becomes fixed-size
-        # binary (UTF-32) in their storage, so go through numpy rather than casting the storage.
-        nd = arr.to_numpy(zero_copy_only=False)
-        return _numpy_to_list_array(nd, value_type)
-    return arr.cast(target)
-
-
-def _numpy_to_list_array(nd: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    target = pa.list_(value_type)
-    if nd.dtype != object and nd.ndim == 2:  # [B, k]
-        flat = pa.array(nd.reshape(-1)).cast(value_type)
-        return pa.FixedSizeListArray.from_arrays(flat, nd.shape[1]).cast(target)
-    return pa.array([None if x is None else list(x) for x in nd], type=target)
-
-
-def _as_table(batch: pa.Table | Mapping[str, Any]) -> pa.Table:
-    """A batch as an Arrow table: a pyarrow Table, a pandas DataFrame or a dict of numpy arrays / lists."""
-    if isinstance(batch, pa.Table):
-        return batch
-    if isinstance(batch, pa.RecordBatch):
-        return pa.Table.from_batches([batch])
-    if isinstance(batch, Mapping):
-        cols = {}
-        for name, value in batch.items():
-            if isinstance(value, np.ndarray) and value.ndim > 1:
-                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)), value.shape[1])
-            else:
-                cols[name] = value
-        return pa.table(cols)
-    return pa.Table.from_pandas(batch, preserve_index=False)  # a pandas DataFrame
-
-
-def _column(table: pa.Table, name: str, dtype: pa.DataType) -> pa.ChunkedArray:
-    col = table.column(name)
-    if pa.types.is_list(dtype):
-        chunks = [_to_list_array(c, dtype.value_type) for c in col.chunks]
-        return pa.chunked_array(chunks, type=dtype)
-    if isinstance(col.type, pa.ExtensionType):
-        col = pa.chunked_array([c.storage for c in col.chunks], type=col.type.storage_type)
-    col = col.cast(dtype)
-    if name == "score":  # NaN -> null, so AVG/quantiles over scores are not poisoned by error rows
-        col = pc.if_else(pc.is_nan(col), pa.scalar(None, dtype), col)
-    return col
-
-
-def _split_markers(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-    """(image rows, marker rows) by the shard_images column; without it every row is an image row."""
-    if MARKER_COLUMN not in table.column_names:
-        return table, None
-    n = pc.fill_null(table.column(MARKER_COLUMN).cast(pa.int64()), -1)
-    is_marker = pc.greater_equal(n, 0)
-    return table.filter(pc.invert(is_marker)), table.filter(is_marker)
-
-
-def _image_table(table: pa.Table, schema: pa.Schema, run_cols: dict[str, pa.Array]) -> pa.Table:
-    names = [f.name for f in schema if f.name not in run_cols]
-    missing = [n for n in names if n not in table.column_names]
-    if missing:
-        raise ValueError(f"sink batch: expected columns {names}, got {table.column_names} (missing {missing})")
-    arrays = [_column(table, f.name, f.type) if f.name not in run_cols else None for f in schema]
-    n = table.num_rows
-    arrays = [a if a is not None else pa.repeat(run_cols[f.name], n) for a, f in zip(arrays, schema, strict=True)]
-    out = pa.Table.from_arrays(arrays, schema=schema)
-    bad = pc.invert(pc.is_in(out.column("status"), pa.array(["ok", "error"])))
-    if pc.any(bad).as_py():
-        got = pc.unique(out.column("status").filter(bad)).to_pylist()
-        raise ValueError(f"sink batch: expected status 'ok' or 'error', got {got}")
-    return out
 
 
 def _redact_errors(table: pa.Table) -> pa.Table:
@@ -280,15 +178,13 @@ def write_staging(
 
     try:
         for batch in tables:
-            images, marks = _split_markers(_as_table(batch))
+            images, marks = split_markers(as_table(batch))
             if marks is not None and marks.num_rows:
-                srcs, counts = marks.column("source").to_pylist(), marks.column(MARKER_COLUMN).to_pylist()
-                errs = marks.column("error").to_pylist() if "error" in marks.column_names else [None] * len(srcs)
-                for src, n, e in zip(srcs, counts, errs, strict=True):
-                    markers[src] = {"images": int(n), "error": redact(e) if e else e}
+                for src, m in shard_markers(marks).items():
+                    markers[src] = {**m, "error": redact(m["error"]) if m["error"] else m["error"]}
             if images.num_rows == 0:
                 continue
-            out = _redact_errors(_image_table(images, schema, run_cols))
+            out = _redact_errors(output_table(images, schema, run_cols))
             for row in pc.value_counts(out.column("source")).to_pylist():
                 shard_rows[row["values"]] = shard_rows.get(row["values"], 0) + row["counts"]
             for row in pc.value_counts(out.column("status")).to_pylist():
@@ -509,11 +405,6 @@ def commit(
     return manifest
 
 
-# An untrusted row keeps its ids and source, and reads as any other error row: no label, no size.
-_UNTRUSTED_VALUES = {"status": "error", "width": -1, "height": -1, "label": None, "label_id": -1, "score": None,
-                     "topk_labels": [], "topk_ids": [], "topk_scores": [], "embedding": None}
-
-
 def _untrusted_shards(markers: dict[str, dict[str, Any]]) -> dict[str, str]:
     """{shard: row error} for shards whose compressed data failed its integrity check once read to the end."""
     out = {}
@@ -540,8 +431,8 @@ def _distrust(fs: fsspec.AbstractFileSystem, root: str, result: dict[str, Any], 
         col = table.column(field.name).combine_chunks()
         if field.name == "error":
             col = pc.if_else(bad, reasons, col)
-        elif field.name in _UNTRUSTED_VALUES:
-            col = pc.if_else(bad, pa.scalar(_UNTRUSTED_VALUES[field.name], field.type), col)
+        elif field.name in ERROR_VALUES:  # an untrusted row keeps its ids and source, and reads as any error row
+            col = pc.if_else(bad, pa.scalar(ERROR_VALUES[field.name], field.type), col)
         columns.append(col)
     table = pa.Table.from_arrays(columns, schema=table.schema)
     with fs.open(f"{root}/{rel}", "wb") as f:

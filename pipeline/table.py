@@ -101,7 +101,7 @@ def committed_files(
 def dataset(output: str, **filters: Any) -> ds.Dataset:
     """A pyarrow Dataset over exactly the committed files (filters: model, model_digest, dt, run_id, commit_id).
 
-    Columns: the file columns (see `pipeline.sink.output_schema`) plus `model` and `dt` from the path.
+    Columns: the file columns (see `pipeline.schema.output_schema`) plus `model` and `dt` from the path.
     Runs with and without embeddings mix: the schema is unified (missing columns read as nulls).
     """
     fs, root, manifests, rels = _committed(output, filters)
@@ -177,7 +177,7 @@ def connect(output: str, con: duckdb.DuckDBPyConnection | None = None) -> duckdb
 
     - `predictions`: the rows of exactly the committed files (file columns, then `model` and `dt` as
       strings from the path); files of uncommitted or crashed runs are never part of it. An empty table
-      still has the view, with no rows and the columns of `pipeline.sink.output_schema`.
+      still has the view, with no rows and the columns of `pipeline.schema.output_schema`.
     - `runs`: one row per committed manifest (see RUNS_SCHEMA).
 
     The file list is read from the manifests now: commits made later need a new `connect`. Object stores
@@ -204,7 +204,7 @@ def connect(output: str, con: duckdb.DuckDBPyConnection | None = None) -> duckdb
             " hive_types = {'model': VARCHAR, 'dt': VARCHAR})"
         )
     else:
-        from pipeline.sink import output_schema
+        from pipeline.schema import output_schema
 
         schema = pa.unify_schemas([output_schema(embeddings=False), PARTITION_SCHEMA])
         types = con.from_arrow(schema.empty_table()).types

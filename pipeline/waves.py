@@ -24,7 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.sink import MARKER_COLUMN, commit, write_staging
+from pipeline.schema import is_marker
+from pipeline.sink import commit, write_staging
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,7 @@ class WaveCommitter:
         for src in pc.unique(sources).to_pylist():
             rows = table.filter(pc.equal(sources, src))
             self.partial.setdefault(src, []).append(rows)
-            marks = pc.greater_equal(pc.fill_null(rows.column(MARKER_COLUMN).cast(pa.int64()), -1), 0)
-            if pc.any(marks).as_py():
+            if pc.any(is_marker(rows)).as_py():
                 self._complete(src)
 
     def _complete(self, src: str) -> None:

@@ -7,6 +7,7 @@ import io
 import pyarrow as pa
 from _sinkrows import DT, input_schema, marker
 
+from pipeline.schema import MARKER_COLUMN
 from pipeline.sink import commit, write_staging
 from pipeline.sources import make_image_id
 
@@ -32,7 +33,7 @@ def rows(source: str, items: list[tuple], *, embeddings: bool = False) -> pa.Tab
             "topk_labels": [label, runner] if ok else [], "topk_ids": [LABELS.index(label), LABELS.index(runner)]
             if ok else [], "topk_scores": [score, (1 - score) / 2] if ok else [],
             **({"embedding": [0.5] * 4} if embeddings else {}),
-            "shard_images": -1,
+            MARKER_COLUMN: -1,
         })
     table = pa.Table.from_pylist(out, schema=input_schema(embeddings))
     return pa.concat_tables([table, marker(source, len(items), embeddings=embeddings)])

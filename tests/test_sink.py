@@ -16,7 +16,8 @@ from _sinkrows import DIGEST, DT, MODEL, RUN, do_commit, image_rows, list_files,
 
 from pipeline import sink, table
 from pipeline.config import INTEGRITY_FAILED, UNTRUSTED_ROW_CODE
-from pipeline.sink import CommitError, committed_shards, output_schema, write_staging
+from pipeline.schema import output_schema
+from pipeline.sink import CommitError, committed_shards, write_staging
 from pipeline.waves import WaveCommitter
 
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
