@@ -29,11 +29,12 @@ import fsspec
 import numpy as np
 
 from pipeline import ray_noise
+from pipeline.commit import STAGING_GRACE_S, recover
 from pipeline.config import JobConfig, redact
+from pipeline.layout import committed_shards
 from pipeline.lease import Lease
 from pipeline.preprocess import preprocess_batch
 from pipeline.schema import image_row, marker_row, read_batch
-from pipeline.sink import STAGING_GRACE_S, committed_shards, recover
 from pipeline.sources import Shard, ShardError, iter_examples, iter_shard, list_shards
 from pipeline.waves import WaveCommitter
 
@@ -90,7 +91,7 @@ def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: 
                     yield read_batch(rows)
                     rows = []
         except ShardError as e:
-            shard_error = f"shard_error: {e.message}"  # "<code>: ...": sink.shard_done reads the code
+            shard_error = f"shard_error: {e.message}"  # "<code>: ...": commit.shard_done reads the code
         except Exception as e:  # one bad shard never fails the job
             shard_error = redact(f"shard_error: read_error: {type(e).__name__}: {e}")
         if shard_error:

@@ -189,7 +189,7 @@ def output_table(table: pa.Table, schema: pa.Schema, run_cols: dict[str, pa.Scal
     names = [f.name for f in schema if f.name not in run_cols]
     missing = [n for n in names if n not in table.column_names]
     if missing:
-        raise ValueError(f"sink batch: expected columns {names}, got {table.column_names} (missing {missing})")
+        raise ValueError(f"prediction batch: expected columns {names}, got {table.column_names} (missing {missing})")
     arrays = [_column(table, f.name, f.type) if f.name not in run_cols else None for f in schema]
     n = table.num_rows
     arrays = [a if a is not None else pa.repeat(run_cols[f.name], n) for a, f in zip(arrays, schema, strict=True)]
@@ -197,5 +197,5 @@ def output_table(table: pa.Table, schema: pa.Schema, run_cols: dict[str, pa.Scal
     bad = pc.invert(pc.is_in(out.column("status"), pa.array(list(STATUSES))))
     if pc.any(bad).as_py():
         got = pc.unique(out.column("status").filter(bad)).to_pylist()
-        raise ValueError(f"sink batch: expected status 'ok' or 'error', got {got}")
+        raise ValueError(f"prediction batch: expected status 'ok' or 'error', got {got}")
     return out

@@ -6,7 +6,7 @@ prediction rows plus one marker row per shard, never the model inputs) streams t
   is checked again by the commit);
 - adds complete shards, in the order they complete, to the current wave, and stages the wave's rows as
   Parquet files under `_staging/<commit id>/` as they accumulate (memory stays bounded);
-- commits the wave (write-ahead intent, moves, manifest last: `sink.commit`) as soon as it holds
+- commits the wave (write-ahead intent, moves, manifest last: `commit.commit`) as soon as it holds
   `wave_shards` complete shards, while later shards keep flowing through the same actors.
 
 So a killed driver loses only the wave being filled plus the shards in flight (about two waves' worth at most:
@@ -24,8 +24,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.commit import commit
 from pipeline.schema import is_marker
-from pipeline.sink import commit, write_staging
+from pipeline.staging import write_staging
 
 log = logging.getLogger(__name__)
 

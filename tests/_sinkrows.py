@@ -1,12 +1,12 @@
-"""Rows as the plan hands them to the sink (image rows + one marker row per shard), and test helpers."""
+"""Rows as the driver receives them from the plan (image rows + one marker row per shard), and test helpers."""
 
 from __future__ import annotations
 
 import fsspec
 import pyarrow as pa
 
+from pipeline.commit import commit
 from pipeline.schema import ERROR_VALUES, MARKER_COLUMN, stream_schema
-from pipeline.sink import commit
 
 RUN = "run-1"
 MODEL = "vit-test"

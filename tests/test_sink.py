@@ -1,4 +1,4 @@
-"""Commit sink: staging writes, the commit protocol, and the Ray Datasink, on local disk and a moto S3 server."""
+"""Staging writes, the commit protocol and recovery, and the WaveCommitter, on local disk and a moto S3 server."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from _sinkrows import DIGEST, DT, MODEL, RUN, do_commit, image_rows, list_files, marker, shard
 
-from pipeline import sink, table
+from pipeline import commit as protocol  # the module; `commit` below is this file's helper
+from pipeline import table
+from pipeline.commit import CommitError
 from pipeline.config import INTEGRITY_FAILED, UNTRUSTED_ROW_CODE
+from pipeline.layout import committed_shards
 from pipeline.schema import output_schema
-from pipeline.sink import CommitError, committed_shards, write_staging
+from pipeline.staging import write_staging
 from pipeline.waves import WaveCommitter
 
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
@@ -94,7 +97,7 @@ def test_commit_layout_and_manifest(output, monkeypatch):
     failed = stage(output, shard(A, 4))  # a failed/retried attempt: written, but not in results
     assert failed["file"] in list_files(output)
 
-    real_write = sink._write_manifest
+    real_write = protocol._write_manifest
 
     def write_manifest_last(fs, path, data):  # at the commit point every file is already in place
         files = list_files(output)
@@ -102,7 +105,7 @@ def test_commit_layout_and_manifest(output, monkeypatch):
         assert all(f["path"] in files for f in json.loads(data)["files"])
         real_write(fs, path, data)
 
-    monkeypatch.setattr(sink, "_write_manifest", write_manifest_last)
+    monkeypatch.setattr(protocol, "_write_manifest", write_manifest_last)
     m = do_commit(output, [r1, r2], [A, B, C])
 
     part = f"model={MODEL}/dt={DT}"
@@ -132,7 +135,7 @@ def test_failed_attempt_is_never_visible(output):
     assert failed["file"] in list_files(output)  # left in staging
     assert table.read_table(output).num_rows == 3
     assert all("_staging" not in p for p in table.committed_files(output))
-    sink.cleanup_staging(output, RUN)
+    protocol.cleanup_staging(output, RUN)
     assert not any(f.startswith("_staging/") for f in list_files(output))
 
 
@@ -185,7 +188,7 @@ def test_crash_before_manifest_then_resume(output, monkeypatch):
     def crash(*a, **k):
         raise OSError("driver died")
 
-    monkeypatch.setattr(sink, "_write_manifest", crash)
+    monkeypatch.setattr(protocol, "_write_manifest", crash)
     with pytest.raises(OSError, match="driver died"):
         do_commit(output, res, [A, B])
     assert any(f.startswith(f"model={MODEL}/") for f in list_files(output))  # moved, but not committed
@@ -317,9 +320,9 @@ def test_manifest_write_is_exclusive(output, monkeypatch):
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root.rstrip('/')}/_manifests/c-0001.json"
     before = fs.cat(path)
-    monkeypatch.setattr(sink, "_exists", lambda fs, p: False)
+    monkeypatch.setattr(protocol, "_exists", lambda fs, p: False)
     with pytest.raises(CommitError, match="already exists"):
-        sink._write_manifest(fs, path, b"{}")
+        protocol._write_manifest(fs, path, b"{}")
     assert fs.cat(path) == before
 
 
@@ -340,14 +343,14 @@ def test_driver_killed_between_commit_steps_then_recover(output, monkeypatch, cr
         raise OSError("driver killed")
 
     if crash == "after_intent":
-        monkeypatch.setattr(sink, "_apply_moves", killed)
+        monkeypatch.setattr(protocol, "_apply_moves", killed)
     elif crash == "mid_moves":
-        real = sink._apply_moves
-        monkeypatch.setattr(sink, "_apply_moves", lambda fs, root, moves: (real(fs, root, moves[:1]), killed()))
+        real = protocol._apply_moves
+        monkeypatch.setattr(protocol, "_apply_moves", lambda fs, root, moves: (real(fs, root, moves[:1]), killed()))
     elif crash == "before_manifest":
-        monkeypatch.setattr(sink, "_write_manifest", killed)
+        monkeypatch.setattr(protocol, "_write_manifest", killed)
     else:
-        monkeypatch.setattr(sink, "_finish_commit", killed)
+        monkeypatch.setattr(protocol, "_finish_commit", killed)
     with pytest.raises(OSError, match="driver killed"):
         do_commit(output, res, [A, B])
     monkeypatch.undo()
@@ -355,25 +358,25 @@ def test_driver_killed_between_commit_steps_then_recover(output, monkeypatch, cr
     if crash in ("mid_moves", "before_manifest"):  # moved but not committed: only raw globs could see it
         assert raw_partition_rows(output) > 0 and table.read_table(output).num_rows == 0
 
-    report = sink.recover(output, staging_grace_s=0)
+    report = protocol.recover(output, staging_grace_s=0)
     assert report["completed" if crash == "after_manifest" else "rolled_forward"] == ["c-0001"]
     [m] = table.list_manifests(output)
     assert m["counts"]["images"] == 5 and committed_shards(output, DIGEST) == {A, B}
     files = list_files(output)
     assert files == ["_manifests/c-0001.json"] + [f["path"] for f in m["files"]]  # no intent, no staging
     assert table.read_table(output).num_rows == raw_partition_rows(output) == 5
-    assert sink.recover(output, staging_grace_s=0) == {k: [] for k in report}  # idempotent
+    assert protocol.recover(output, staging_grace_s=0) == {k: [] for k in report}  # idempotent
 
 
 def test_recover_rolls_back_when_staged_files_are_gone(output, monkeypatch):
     res = [stage(output, shard(A, 2)), stage(output, shard(B, 3))]
-    real = sink._apply_moves
+    real = protocol._apply_moves
 
     def one_then_killed(fs, root, moves):
         real(fs, root, moves[:1])
         raise OSError("driver killed")
 
-    monkeypatch.setattr(sink, "_apply_moves", one_then_killed)
+    monkeypatch.setattr(protocol, "_apply_moves", one_then_killed)
     with pytest.raises(OSError):
         do_commit(output, res, [A, B])
     monkeypatch.undo()
@@ -381,7 +384,7 @@ def test_recover_rolls_back_when_staged_files_are_gone(output, monkeypatch):
     for f in list_files(output):
         if f.startswith("_staging/"):
             fs.rm(f"{root.rstrip('/')}/{f}")  # e.g. an operator cleaned staging by hand
-    report = sink.recover(output, staging_grace_s=0)
+    report = protocol.recover(output, staging_grace_s=0)
     assert report["rolled_back"] == ["c-0001"]
     assert list_files(output) == [] and raw_partition_rows(output) == 0
     assert committed_shards(output, DIGEST) == set()  # both shards stay pending for the next run
@@ -395,10 +398,10 @@ def test_recover_removes_orphan_parts_and_only_stale_staging(output):
     fs.pipe_file(f"{root.rstrip('/')}/{orphan}", fs.cat_file(f"{root.rstrip('/')}/{leftover['file']}"))
     assert raw_partition_rows(output) == 5
 
-    report = sink.recover(output)  # default grace: a fresh staging folder may belong to a live run
+    report = protocol.recover(output)  # default grace: a fresh staging folder may belong to a live run
     assert report["orphans_removed"] == [orphan] and report["staging_removed"] == []
     assert leftover["file"] in list_files(output) and raw_partition_rows(output) == 2
-    assert sink.recover(output, staging_grace_s=0)["staging_removed"] == [f"_staging/{RUN}"]
+    assert protocol.recover(output, staging_grace_s=0)["staging_removed"] == [f"_staging/{RUN}"]
     assert not any(f.startswith("_staging/") for f in list_files(output))
     assert table.read_table(output).num_rows == 2
 
@@ -412,7 +415,7 @@ def test_unreachable_shards_are_not_done_corrupt_ones_are(output):
     m = do_commit(output, results, [A, B, C, D, E])
     assert {u: s["done"] for u, s in m["shards"].items()} == {A: False, B: False, C: True, D: True, E: True}
     assert committed_shards(output, DIGEST) == {C, D, E}  # A and B are tried again by the next run
-    assert sink.shard_done(None, 0) and sink.shard_done("shard_error: truncated: x", 0)
+    assert protocol.shard_done(None, 0) and protocol.shard_done("shard_error: truncated: x", 0)
 
 
 def test_rows_of_a_shard_that_failed_its_integrity_check_become_error_rows(output, monkeypatch):
@@ -424,7 +427,7 @@ def test_rows_of_a_shard_that_failed_its_integrity_check_become_error_rows(outpu
     def crash(*a, **k):
         raise OSError("driver died")
 
-    monkeypatch.setattr(sink, "_write_manifest", crash)
+    monkeypatch.setattr(protocol, "_write_manifest", crash)
     with pytest.raises(OSError, match="driver died"):
         do_commit(output, results, [A, B, C])
     monkeypatch.undo()
@@ -463,5 +466,5 @@ def test_credentials_never_reach_manifest_or_rows(output, monkeypatch):
 
 def commit(output, results, expected, config):
     res = results if isinstance(results, list) else [results]
-    return sink.commit(output=output, run_id=RUN, commit_id="c-0001", model_name=MODEL, model_digest=DIGEST, dt=DT,
+    return protocol.commit(output=output, run_id=RUN, commit_id="c-0001", model_name=MODEL, model_digest=DIGEST, dt=DT,
                        results=res, expected_shards=expected, config=config, stats={})
