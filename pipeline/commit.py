@@ -25,6 +25,8 @@ Commit protocol (a Parquet file is part of the table only when a committed manif
 A shard's manifest entry says whether it is `done`: yes unless its reader could not reach it at all
 (marker error code `missing` or `unavailable`, no rows), so a shard deleted after listing or unreadable for
 lack of permission is tried again by the next run, while a corrupt shard is recorded once, with its error.
+It also records the shard's `format` as its marker row carried it (`sources.Shard.format`: webdataset, parquet,
+folder, the names `--input-format` uses), so a reader of the manifest never guesses it from the suffix.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def _merge_results(results: list[dict[str, Any]], staging_id: str | None):
         for src, n in r.get("shard_rows", {}).items():
             shard_rows[src] = shard_rows.get(src, 0) + int(n)
         for src, m in r.get("markers", {}).items():
-            m = {"images": int(m["images"]), "error": m.get("error")}
+            m = {"images": int(m["images"]), "error": m.get("error"),
+                 **({"format": m["format"]} if "format" in m else {})}
             if src in markers and markers[src] != m:
                 conflicts.append(src)
             markers[src] = m
@@ -233,6 +236,8 @@ def commit(
         rows = shard_rows.get(src, 0)
         shards[src] = {"images": markers[src]["images"], "rows": rows, "error": error,
                        "done": shard_done(error, rows)}
+        if "format" in markers[src]:  # the reader's format (`sources.Shard.format`): webdataset, parquet, folder
+            shards[src]["format"] = markers[src]["format"]
     manifest = {
         "version": MANIFEST_VERSION,
         "run_id": run_id,

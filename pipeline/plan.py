@@ -96,7 +96,7 @@ def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: 
             shard_error = redact(f"shard_error: read_error: {type(e).__name__}: {e}")
         if shard_error:
             log.warning("%s: %s (kept %d images read before it)", redact(shard.uri), shard_error, count)
-        rows.append(marker_row(shard.uri, count, shard_error))
+        rows.append(marker_row(shard.uri, shard.format, count, shard_error))
         yield read_batch(rows)
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.models import Head, ModelError, load_model
-from pipeline.schema import INPUTS, MARKER_COLUMN, prediction_table, strings
+from pipeline.schema import FORMAT_COLUMN, INPUTS, MARKER_COLUMN, prediction_table, strings
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ class Predictor:
             label[i] = topk_labels[i][0]
         cols: dict[str, Any] = {
             "image_id": batch["image_id"], "source": batch["source"], "key": batch["key"],
-            MARKER_COLUMN: batch[MARKER_COLUMN], "status": status, "error": strings(batch["error"]),
+            MARKER_COLUMN: batch[MARKER_COLUMN], FORMAT_COLUMN: strings(batch[FORMAT_COLUMN]), "status": status,
+            "error": strings(batch["error"]),
             "width": batch["width"], "height": batch["height"], "label": label, "label_id": label_id,
             "score": pa.array(score, mask=~ok), "topk_labels": topk_labels, "topk_ids": topk_ids,
             "topk_scores": topk_scores,

@@ -1,17 +1,17 @@
 """Row formats: the columns each stage hands the next, defined once, and the conversions between them.
 
     read rows        (plan.read_shards, from `sources` records)   READ_COLUMNS: image_id, source, key, bytes,
-                     shard_images, error
+                     shard_images, shard_format, error
     marker rows      one per shard, after its image rows, in every stream below: shard_images = N >= 0 (the
-                     images its reader produced), error (the shard's error)
+                     images its reader produced), shard_format (`sources.Shard.format`), error (the shard's error)
     input rows       (preprocess -> predictor)   read rows without bytes, plus INPUTS (uint8 model input),
                      width, height, status ("ok", "error", or "marker")
     prediction rows  (predictor -> driver)   stream_schema(embeddings): PREDICTION_FIELDS (+ embedding) + markers
     output rows      (the stored Parquet files)   output_schema(embeddings): PREDICTION_FIELDS (+ embedding) +
                      RUN_FIELDS; `model` and `dt` live only in the path (hive partitions)
 
-Image rows carry shard_images = -1. Ray hands an all-null string column back as float
-NaNs: `strings` is the one place that undoes it. `output_table` coerces whatever reaches the driver (Arrow, a
+Image rows carry shard_images = -1 and a null shard_format. Ray hands an all-null string column back as
+float NaNs: `strings` is the one place that undoes it. `output_table` coerces whatever reaches the driver (Arrow, a
 dict of numpy arrays, Ray tensor columns) to the output schema. This module imports no other stage and no Ray.
 """
 
@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 MARKER_COLUMN = "shard_images"  # -1 on image rows; N >= 0 on the one marker row per shard
+FORMAT_COLUMN = "shard_format"  # null on image rows; the shard's format (webdataset, parquet, folder) on markers
 INPUTS = "inputs"  # the model input column of input rows: patch tokens [N, P*P*3] or pixels [H, W, 3], uint8
-READ_COLUMNS = ("image_id", "source", "key", "bytes", MARKER_COLUMN, "error")
+READ_COLUMNS = ("image_id", "source", "key", "bytes", MARKER_COLUMN, FORMAT_COLUMN, "error")
 STATUSES = ("ok", "error")  # of image rows; preprocess marks marker rows "marker" on their way to the predictor
 
 # Columns every prediction row carries (besides the optional embedding and the marker columns).
@@ -46,7 +47,7 @@ PREDICTION_FIELDS: list[tuple[str, pa.DataType]] = [
     ("topk_scores", pa.list_(pa.float32())),
 ]
 EMBEDDING_FIELD = ("embedding", pa.list_(pa.float32()))
-MARKER_FIELDS: list[tuple[str, pa.DataType]] = [(MARKER_COLUMN, pa.int64())]
+MARKER_FIELDS: list[tuple[str, pa.DataType]] = [(MARKER_COLUMN, pa.int64()), (FORMAT_COLUMN, pa.string())]
 RUN_FIELDS: list[tuple[str, pa.DataType]] = [
     ("model_digest", pa.string()),
     ("run_id", pa.string()),
@@ -78,12 +79,12 @@ def strings(values: Any) -> list[str | None]:
 
 def image_row(image_id: str, source: str, key: str, data: bytes | None, error: str | None) -> tuple:
     """One read row of an image (or of an image that could not be read: data None, error set)."""
-    return (image_id, source, key, data, -1, error)
+    return (image_id, source, key, data, -1, None, error)
 
 
-def marker_row(source: str, images: int, error: str | None) -> tuple:
-    """The read row that ends a shard: how many images its reader produced, and its error."""
-    return ("", source, "", b"", images, error)
+def marker_row(source: str, shard_format: str, images: int, error: str | None) -> tuple:
+    """The read row that ends a shard: how many images its reader produced, its format, and its error."""
+    return ("", source, "", b"", images, shard_format, error)
 
 
 def read_batch(rows: list[tuple]) -> dict[str, np.ndarray]:
@@ -115,10 +116,12 @@ def split_markers(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
 
 
 def markers(table: pa.Table) -> dict[str, dict[str, Any]]:
-    """{source: {"images": N, "error": e}} of marker rows (a table without an error column has no errors)."""
+    """{source: {"images": N, "error": e, "format": f}} of marker rows; "format" only where a row has one (a
+    table without an error column has no errors)."""
     sources, images = table.column("source").to_pylist(), table.column(MARKER_COLUMN).to_pylist()
-    errors = _optional(table, "error")
-    return {src: {"images": int(n), "error": e} for src, n, e in zip(sources, images, errors, strict=True)}
+    errors, formats = _optional(table, "error"), strings(_optional(table, FORMAT_COLUMN))
+    return {src: {"images": int(n), "error": e, **({"format": f} if f else {})}
+            for src, n, e, f in zip(sources, images, errors, formats, strict=True)}
 
 
 def _optional(table: pa.Table, name: str) -> list[Any]:

@@ -52,7 +52,7 @@ def write_staging(
 
     Returns {"file": "_staging/<staging_id>/<uuid>.parquet" (relative to OUTPUT) or None when there were no
     image rows, "rows": n, "bytes": file size, "status_counts": {"ok": n, "error": n},
-    "shard_rows": {source: n}, "markers": {source: {"images": N, "error": e}}}.
+    "shard_rows": {source: n}, "markers": {source: {"images": N, "error": e, "format": f}}}.
     """
     check_name("run_id", run_id)
     staging_id = staging_id or run_id

@@ -6,7 +6,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.commit import commit
-from pipeline.schema import ERROR_VALUES, MARKER_COLUMN, stream_schema
+from pipeline.schema import ERROR_VALUES, FORMAT_COLUMN, MARKER_COLUMN, stream_schema
 
 RUN = "run-1"
 MODEL = "vit-test"
@@ -40,10 +40,11 @@ def image_rows(source: str, n: int, *, start: int = 0, errors: int = 0, embeddin
     return pa.Table.from_pylist(rows, schema=input_schema(embeddings))
 
 
-def marker(source: str, images: int, error: str | None = None, *, embeddings: bool = False) -> pa.Table:
-    """The one marker row of a shard: how many images its reader produced, and the shard-level error."""
+def marker(source: str, images: int, error: str | None = None, *, embeddings: bool = False,
+           fmt: str | None = "webdataset") -> pa.Table:
+    """The one marker row of a shard: how many images its reader produced, the shard-level error, its format."""
     row = {**ERROR_VALUES, "status": None, "image_id": "", "source": source, "key": "", "error": error,
-           MARKER_COLUMN: images}
+           MARKER_COLUMN: images, FORMAT_COLUMN: fmt}
     return pa.Table.from_pylist([row], schema=input_schema(embeddings))
 
 

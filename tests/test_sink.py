@@ -57,7 +57,8 @@ def test_write_staging_drops_markers_and_reports(output):
     assert res["file"].startswith(f"_staging/{RUN}/") and res["file"].endswith(".parquet")
     assert res["rows"] == 9 and res["bytes"] > 0
     assert res["shard_rows"] == {A: 4, B: 5}
-    assert res["markers"] == {A: {"images": 4, "error": None}, B: {"images": 5, "error": None}}
+    assert res["markers"] == {A: {"images": 4, "error": None, "format": "webdataset"},
+                              B: {"images": 5, "error": None, "format": "webdataset"}}
     assert res["status_counts"] == {"ok": 8, "error": 1}
     json.dumps(res)  # travels through Ray and into the manifest
 
@@ -76,7 +77,7 @@ def test_write_staging_drops_markers_and_reports(output):
 def test_write_staging_without_image_rows_writes_nothing(output):
     res = stage(output, marker(A, 0), marker(B, 0, "shard_error: truncated tar"))
     assert res["file"] is None and res["rows"] == 0 and res["shard_rows"] == {}
-    assert res["markers"][B] == {"images": 0, "error": "shard_error: truncated tar"}
+    assert res["markers"][B] == {"images": 0, "error": "shard_error: truncated tar", "format": "webdataset"}
     assert list_files(output) == []
 
 
@@ -93,7 +94,8 @@ def test_write_staging_embeddings_and_bad_input(tmp_path):
 
 def test_commit_layout_and_manifest(output, monkeypatch):
     r1 = stage(output, shard(A, 4, errors=1), image_rows(B, 2))
-    r2 = stage(output, image_rows(B, 3, start=2), marker(B, 5), marker(C, 0, "shard_error: truncated tar"))
+    r2 = stage(output, image_rows(B, 3, start=2), marker(B, 5),
+               marker(C, 0, "shard_error: truncated tar", fmt="parquet"))
     failed = stage(output, shard(A, 4))  # a failed/retried attempt: written, but not in results
     assert failed["file"] in list_files(output)
 
@@ -112,9 +114,10 @@ def test_commit_layout_and_manifest(output, monkeypatch):
     assert [f["path"] for f in m["files"]] == [f"{part}/part-c-0001-00000.parquet", f"{part}/part-c-0001-00001.parquet"]
     assert list_files(output) == ["_manifests/c-0001.json"] + [f["path"] for f in m["files"]]  # staging is gone
     assert sum(f["rows"] for f in m["files"]) == 9 and all(f["bytes"] > 0 for f in m["files"])
-    assert m["shards"] == {A: {"images": 4, "rows": 4, "error": None, "done": True},
-                           B: {"images": 5, "rows": 5, "error": None, "done": True},
-                           C: {"images": 0, "rows": 0, "error": "shard_error: truncated tar", "done": True}}
+    assert m["shards"] == {A: {"images": 4, "rows": 4, "error": None, "done": True, "format": "webdataset"},
+                           B: {"images": 5, "rows": 5, "error": None, "done": True, "format": "webdataset"},
+                           C: {"images": 0, "rows": 0, "error": "shard_error: truncated tar", "done": True,
+                               "format": "parquet"}}
     assert m["counts"] == {"images": 9, "ok": 8, "error": 1, "shards": 3, "shard_errors": 1}
     assert (m["version"], m["run_id"], m["commit_id"], m["model"], m["model_digest"], m["dt"]) == (
         1, RUN, "c-0001", MODEL, DIGEST, DT)
@@ -126,6 +129,12 @@ def test_commit_layout_and_manifest(output, monkeypatch):
     t = table.read_table(output)
     assert t.num_rows == 9 and sorted(set(t["key"].to_pylist())) == ["0000", "0001", "0002", "0003", "0004"]
     assert set(t["model"].to_pylist()) == {MODEL} and set(t["dt"].to_pylist()) == {DT}
+
+
+def test_manifest_records_a_shards_format_only_when_its_marker_carries_one(tmp_path):
+    out = str(tmp_path)
+    m = do_commit(out, [stage(out, shard(A, 1), image_rows(B, 1), marker(B, 1, fmt=None))], [A, B])
+    assert m["shards"][A]["format"] == "webdataset" and "format" not in m["shards"][B]  # readers fall back
 
 
 def test_failed_attempt_is_never_visible(output):
@@ -433,7 +442,7 @@ def test_rows_of_a_shard_that_failed_its_integrity_check_become_error_rows(outpu
     monkeypatch.undo()
     m = do_commit(output, results, [A, B, C])  # the same commit again: rewrites the same copies, then commits
     assert m["counts"] == {"images": 7, "ok": 3, "error": 4, "shards": 3, "shard_errors": 1}
-    assert m["shards"][B] == {"images": 4, "rows": 4, "error": failed, "done": True}
+    assert m["shards"][B] == {"images": 4, "rows": 4, "error": failed, "done": True, "format": "webdataset"}
     rows = table.read_table(output).to_pylist()
     assert len(rows) == 7 and all(r["status"] == "ok" for r in rows if r["source"] != B)
     untrusted = [r for r in rows if r["source"] == B]
