@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Errors whose message says everything a user needs (no traceback): bad input, bad model, a failed wave.
 _USER_ERRORS = (("pipeline.plan", "RunFailed"), ("pipeline.sources", "SourceError"),
-                ("pipeline.models.checkpoint", "ModelError"), ("pipeline.sink", "CommitError"),
+                ("pipeline.models.checkpoint", "ModelError"), ("pipeline.commit", "CommitError"),
                 ("pipeline.queries", "ReportError"))
 
 

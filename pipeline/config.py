@@ -25,11 +25,11 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 RESIZE_MODES = ("squash", "shortest")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
 # Shard-level error codes (sources) that mean "the shard could not be reached": a shard that failed with one of
-# these before yielding any image is not marked done, so a later run tries it again (sink.committed_shards).
+# these before yielding any image is not marked done, so a later run tries it again (layout.committed_shards).
 RETRYABLE_SHARD_CODES = ("missing", "unavailable")
 # A shard error (sources) that starts so: the shard's compressed data failed its integrity check (gzip CRC), which
 # only the end of the stream tells, after its images were read. None of its rows can be trusted: the commit makes
-# each of them an UNTRUSTED_ROW_CODE error row (sink.commit).
+# each of them an UNTRUSTED_ROW_CODE error row (commit.commit).
 INTEGRITY_FAILED = "corrupt: integrity check failed"
 UNTRUSTED_ROW_CODE = "corrupt_shard"
 # Pillow's own default bomb limit is 89.5 MP (warning) / 179 MP (error); we make the error explicit.

@@ -29,17 +29,18 @@ import fsspec
 import numpy as np
 
 from pipeline import ray_noise
+from pipeline.commit import STAGING_GRACE_S, recover
 from pipeline.config import JobConfig, redact
+from pipeline.layout import committed_shards
 from pipeline.lease import Lease
 from pipeline.preprocess import preprocess_batch
-from pipeline.sink import STAGING_GRACE_S, committed_shards, recover
+from pipeline.schema import image_row, marker_row, read_batch
 from pipeline.sources import Shard, ShardError, iter_examples, iter_shard, list_shards
 from pipeline.waves import WaveCommitter
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "nightly"  # OUTPUT/_lease/nightly/: shared by every leased job (nightly, run --lease)
-_READ_COLUMNS = ("image_id", "source", "key", "bytes", "shard_images", "error")
 # A worker that dies (OOM, segfault in a decoder) is retried a few times, then the job fails with
 # Ray's error instead of retrying forever. Distinct remote args also keep Ray from fusing the CPU
 # stages into the GPU actor: preprocessing must scale on its own CPUs.
@@ -71,15 +72,6 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def _columns(rows: list[tuple]) -> dict[str, np.ndarray]:
-    cols = {name: np.empty(len(rows), dtype=object) for name in _READ_COLUMNS}
-    for i, row in enumerate(rows):
-        for name, value in zip(_READ_COLUMNS, row, strict=True):
-            cols[name][i] = value
-    cols["shard_images"] = cols["shard_images"].astype(np.int64)
-    return cols
-
-
 def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: str, rows_per_batch: int
                 ) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: shard descriptors -> batches of image rows, then one marker row per shard.
@@ -93,19 +85,19 @@ def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: 
         count, shard_error = 0, None
         try:
             for rec in iter_shard(shard, image_column=image_column, key_column=key_column):
-                rows.append((rec.image_id(shard.uri), shard.uri, rec.key, rec.data, -1, rec.error))
+                rows.append(image_row(rec.image_id(shard.uri), shard.uri, rec.key, rec.data, rec.error))
                 count += 1
                 if len(rows) >= rows_per_batch:
-                    yield _columns(rows)
+                    yield read_batch(rows)
                     rows = []
         except ShardError as e:
-            shard_error = f"shard_error: {e.message}"  # "<code>: ...": sink.shard_done reads the code
+            shard_error = f"shard_error: {e.message}"  # "<code>: ...": commit.shard_done reads the code
         except Exception as e:  # one bad shard never fails the job
             shard_error = redact(f"shard_error: read_error: {type(e).__name__}: {e}")
         if shard_error:
             log.warning("%s: %s (kept %d images read before it)", redact(shard.uri), shard_error, count)
-        rows.append(("", shard.uri, "", b"", count, shard_error))
-        yield _columns(rows)
+        rows.append(marker_row(shard.uri, shard.format, count, shard_error))
+        yield read_batch(rows)
 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], *, image_column: str, key_column: str, rows_per_batch: int,

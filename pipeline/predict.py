@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.models import Head, ModelError, load_model
+from pipeline.schema import FORMAT_COLUMN, INPUTS, MARKER_COLUMN, prediction_table, strings
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,6 @@ def cpu_bf16_faster(num_threads: int = 1) -> tuple[bool, str]:
         torch.set_num_threads(old)
     ratio = rates[torch.bfloat16] / rates[torch.float32]
     return ratio >= 1.2, f"avx512_bf16, bf16/fp32 matmul speed {ratio:.2f}x"
-
-
-def _strings(values: Any) -> list[str | None]:
-    """Ray hands an all-null string column back as float NaNs; keep strings, map anything else to null."""
-    return [v if isinstance(v, str) else None for v in values]
 
 
 class Predictor:
@@ -178,7 +174,7 @@ class Predictor:
         status = np.asarray(batch["status"], dtype=object)
         ok = status == "ok"
         n = len(status)
-        ids, probs, emb = self.classify(batch["inputs"][ok])
+        ids, probs, emb = self.classify(batch[INPUTS][ok])
         label_id = np.full(n, -1, dtype=np.int32)
         score = np.full(n, np.nan, dtype=np.float32)
         topk_ids = [[] for _ in range(n)]
@@ -192,25 +188,17 @@ class Predictor:
             topk_scores[i] = probs[j].tolist()
             topk_labels[i] = self.labels[ids[j]].tolist()
             label[i] = topk_labels[i][0]
-        cols: dict[str, pa.Array] = {
-            "image_id": pa.array(batch["image_id"], pa.string()),
-            "source": pa.array(batch["source"], pa.string()),
-            "key": pa.array(batch["key"], pa.string()),
-            "shard_images": pa.array(batch["shard_images"], pa.int64()),
-            "status": pa.array(status, pa.string()),
-            "error": pa.array(_strings(batch["error"]), pa.string()),
-            "width": pa.array(batch["width"], pa.int32()),
-            "height": pa.array(batch["height"], pa.int32()),
-            "label": pa.array(label, pa.string()),
-            "label_id": pa.array(label_id, pa.int32()),
-            "score": pa.array(score, pa.float32(), mask=~ok),
-            "topk_labels": pa.array(topk_labels, pa.list_(pa.string())),
-            "topk_ids": pa.array(topk_ids, pa.list_(pa.int32())),
-            "topk_scores": pa.array(topk_scores, pa.list_(pa.float32())),
+        cols: dict[str, Any] = {
+            "image_id": batch["image_id"], "source": batch["source"], "key": batch["key"],
+            MARKER_COLUMN: batch[MARKER_COLUMN], FORMAT_COLUMN: strings(batch[FORMAT_COLUMN]), "status": status,
+            "error": strings(batch["error"]),
+            "width": batch["width"], "height": batch["height"], "label": label, "label_id": label_id,
+            "score": pa.array(score, mask=~ok), "topk_labels": topk_labels, "topk_ids": topk_ids,
+            "topk_scores": topk_scores,
         }
         if self.embeddings:
             rows: list[list[float] | None] = [None] * n
             for j, i in enumerate(np.flatnonzero(ok)):
                 rows[i] = emb[j].tolist()
-            cols["embedding"] = pa.array(rows, pa.list_(pa.float32()))
-        return pa.table(cols)
+            cols["embedding"] = rows
+        return prediction_table(cols, self.embeddings)

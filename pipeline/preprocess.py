@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, ImageContract
+from pipeline.schema import INPUTS, marker_flags, strings
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -169,8 +170,8 @@ def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, np.ndarray]:
     """A batch of read rows -> the same rows with inputs, width, height, status, error (bytes dropped).
 
-    Input columns: image_id, source, key, bytes, shard_images, error. Rows with shard_images >= 0 are
-    end-of-shard markers and rows with a read error already are passed through without decoding.
+    Input columns: `schema.READ_COLUMNS`. Marker rows (`schema.marker_flags`) and rows with a read error
+    already are passed through without decoding.
     """
     data = batch["bytes"]
     n = len(data)
@@ -178,9 +179,8 @@ def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
     width = np.full(n, -1, dtype=np.int32)
     height = np.full(n, -1, dtype=np.int32)
     status = np.empty(n, dtype=object)
-    # Ray hands an all-null string column back as NaNs: only strings are errors.
-    error = np.array([e if isinstance(e, str) and e else None for e in batch["error"]], dtype=object)
-    marker = np.asarray(batch["shard_images"]) >= 0
+    error = np.array([e or None for e in strings(batch["error"])], dtype=object)
+    marker = marker_flags(batch)
     for i in range(n):
         if marker[i]:
             status[i] = "marker"
@@ -194,5 +194,5 @@ def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
         except ImageError as e:
             status[i], error[i] = "error", str(e)
     out = {k: v for k, v in batch.items() if k != "bytes"}
-    out.update(inputs=inputs, width=width, height=height, status=status, error=error)
+    out.update({INPUTS: inputs, "width": width, "height": height, "status": status, "error": error})
     return out

@@ -1,4 +1,4 @@
-"""Object-store primitives shared by the stages that publish things (sink's manifests, the lease).
+"""Object-store primitives shared by the stages that publish things (the commit's manifests, the lease).
 
 Not a stage: it imports fsspec only, so stages may use it without importing one another.
 """

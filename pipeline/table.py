@@ -14,7 +14,6 @@ manifests (`relation(ROOT, sql)` runs one query on such a connection).
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,43 +24,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.layout import PARTITION_COLUMNS, fs_root, list_manifests
+
 if TYPE_CHECKING:
     import duckdb
 
-MANIFEST_DIR = "_manifests"
-PARTITION_SCHEMA = pa.schema([("model", pa.string()), ("dt", pa.string())])
+PARTITION_SCHEMA = pa.schema([(name, pa.string()) for name in PARTITION_COLUMNS])
 _MANIFEST_FILTERS = ("model", "model_digest", "dt", "run_id", "commit_id")
-
-
-def _fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(output)
-    return fs, root.rstrip("/")
 
 
 def _arrow_fs(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-def list_manifests(output: str) -> list[dict[str, Any]]:
-    """Every committed manifest under OUTPUT/_manifests/, oldest first (by committed_at, then commit_id)."""
-    fs, root = _fs(output)
-    fs.invalidate_cache()  # commits happen in other processes; cached listings would hide them
-    try:
-        paths = fs.glob(f"{root}/{MANIFEST_DIR}/*.json")
-    except FileNotFoundError:
-        return []
-    manifests = []
-    for p in paths:
-        if p.rsplit("/", 1)[-1].startswith("."):  # a local manifest being written (tmp name)
-            continue
-        with fs.open(p, "rb") as f:
-            try:
-                manifests.append(json.loads(f.read()))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"manifest {p.rsplit('/', 1)[-1]}: expected JSON, got unreadable content") from e
-    return sorted(manifests, key=lambda m: (m.get("committed_at", ""), m.get("commit_id", "")))
 
 
 def _select(manifests: list[dict[str, Any]], filters: dict[str, Any]) -> list[dict[str, Any]]:
@@ -76,7 +51,7 @@ def _select(manifests: list[dict[str, Any]], filters: dict[str, Any]) -> list[di
 
 
 def _committed(output: str, filters: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str, list[dict], list[str]]:
-    fs, root = _fs(output)
+    fs, root = fs_root(output)
     manifests = _select(list_manifests(output), filters)
     rels = [f["path"] for m in manifests for f in m.get("files", [])]
     return fs, root, manifests, rels
@@ -101,7 +76,7 @@ def committed_files(
 def dataset(output: str, **filters: Any) -> ds.Dataset:
     """A pyarrow Dataset over exactly the committed files (filters: model, model_digest, dt, run_id, commit_id).
 
-    Columns: the file columns (see `pipeline.sink.output_schema`) plus `model` and `dt` from the path.
+    Columns: the file columns (see `pipeline.schema.output_schema`) plus `model` and `dt` from the path.
     Runs with and without embeddings mix: the schema is unified (missing columns read as nulls).
     """
     fs, root, manifests, rels = _committed(output, filters)
@@ -177,7 +152,7 @@ def connect(output: str, con: duckdb.DuckDBPyConnection | None = None) -> duckdb
 
     - `predictions`: the rows of exactly the committed files (file columns, then `model` and `dt` as
       strings from the path); files of uncommitted or crashed runs are never part of it. An empty table
-      still has the view, with no rows and the columns of `pipeline.sink.output_schema`.
+      still has the view, with no rows and the columns of `pipeline.schema.output_schema`.
     - `runs`: one row per committed manifest (see RUNS_SCHEMA).
 
     The file list is read from the manifests now: commits made later need a new `connect`. Object stores
@@ -187,7 +162,7 @@ def connect(output: str, con: duckdb.DuckDBPyConnection | None = None) -> duckdb
     import duckdb
 
     con = duckdb.connect() if con is None else con
-    fs, root = _fs(output)
+    fs, root = fs_root(output)
     manifests = list_manifests(output)
     paths = [f"{root}/{f['path']}" for m in manifests for f in m.get("files", [])]
     if not isinstance(fs, LocalFileSystem):
@@ -204,7 +179,7 @@ def connect(output: str, con: duckdb.DuckDBPyConnection | None = None) -> duckdb
             " hive_types = {'model': VARCHAR, 'dt': VARCHAR})"
         )
     else:
-        from pipeline.sink import output_schema
+        from pipeline.schema import output_schema
 
         schema = pa.unify_schemas([output_schema(embeddings=False), PARTITION_SCHEMA])
         types = con.from_arrow(schema.empty_table()).types

@@ -8,7 +8,7 @@ prediction rows plus one marker row per shard, never the model inputs) streams t
   (rows == images is checked again by the commit);
 - adds complete shards, in the order they complete, to the current wave, and stages the wave's rows as
   Parquet files under `_staging/<commit id>/` as they accumulate (memory stays bounded);
-- commits the wave (write-ahead intent, moves, manifest last: `sink.commit`) as soon as it holds
+- commits the wave (write-ahead intent, moves, manifest last: `commit.commit`) as soon as it holds
   `wave_shards` complete shards, while later shards keep flowing through the same actors.
 
 So a killed driver loses only the wave being filled plus the shards in flight (about two waves' worth at most:
@@ -26,7 +26,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.sink import MARKER_COLUMN, commit, write_staging
+from pipeline.commit import commit
+from pipeline.schema import MARKER_COLUMN, is_marker
+from pipeline.staging import write_staging
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +81,13 @@ class WaveCommitter:
                                  "(unknown, or complete already)")
             rows = table.filter(pc.equal(sources, src))
             self.partial.setdefault(src, []).append(rows)
-            counts = pc.fill_null(rows.column(MARKER_COLUMN).cast(pa.int64()), -1)
-            marks = pc.greater_equal(counts, 0)
+            marks = is_marker(rows)
             n_marks = pc.sum(marks.cast(pa.int64())).as_py() or 0
             self.seen[src] = self.seen.get(src, 0) + rows.num_rows - n_marks
             if n_marks:
                 if n_marks > 1 or src in self.expected:
                     raise ValueError(f"stream: expected one marker row for {src!r}, got another")
-                self.expected[src] = pc.max(counts).as_py()
+                self.expected[src] = pc.max(rows.column(MARKER_COLUMN)).as_py()
             if src in self.expected and self.seen[src] >= self.expected[src]:
                 self._complete(src)
 

@@ -7,8 +7,10 @@ import io
 import pyarrow as pa
 from _sinkrows import DT, input_schema, marker
 
-from pipeline.sink import commit, write_staging
+from pipeline.commit import commit
+from pipeline.schema import MARKER_COLUMN
 from pipeline.sources import make_image_id
+from pipeline.staging import write_staging
 
 LABELS = ["cat", "dog", "bird", "fish"]
 
@@ -16,7 +18,7 @@ LABELS = ["cat", "dog", "bird", "fish"]
 def rows(source: str, items: list[tuple], *, embeddings: bool = False) -> pa.Table:
     """items: (key, label, score) for ok rows, (key, None, None, "code: message") for error rows.
 
-    Returns the image rows followed by the shard's marker row, as the plan hands them to the sink."""
+    Returns the image rows followed by the shard's marker row, as the driver receives them from the plan."""
     out = []
     for item in items:
         key, label, score = item[:3]
@@ -32,7 +34,7 @@ def rows(source: str, items: list[tuple], *, embeddings: bool = False) -> pa.Tab
             "topk_labels": [label, runner] if ok else [], "topk_ids": [LABELS.index(label), LABELS.index(runner)]
             if ok else [], "topk_scores": [score, (1 - score) / 2] if ok else [],
             **({"embedding": [0.5] * 4} if embeddings else {}),
-            "shard_images": -1,
+            MARKER_COLUMN: -1,
         })
     table = pa.Table.from_pylist(out, schema=input_schema(embeddings))
     return pa.concat_tables([table, marker(source, len(items), embeddings=embeddings)])

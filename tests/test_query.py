@@ -18,7 +18,8 @@ from _tables import commit_shards, rows
 
 from jobs.cli import main as cli
 from pipeline import queries, table
-from pipeline.sink import output_schema, write_staging
+from pipeline.schema import output_schema
+from pipeline.staging import write_staging
 
 A, B = "s3://in/a.tar", "s3://in/b.tar"
 DA, DB = "sha256:" + "1a" * 32, "sha256:" + "2b" * 32

@@ -21,8 +21,8 @@ from PIL import Image
 from jobs import html_report
 from jobs.cli import main as cli
 from pipeline import queries, table
-from pipeline.sink import write_staging
 from pipeline.sources import iter_shard, list_shards, write_webdataset
+from pipeline.staging import write_staging
 
 CHROMIUM = "/usr/bin/chromium"
 COLOURS = {"cat": (220, 120, 40), "dog": (60, 140, 220), "bird": (90, 190, 90), "fish": (170, 80, 200)}

@@ -1,4 +1,4 @@
-"""Commit sink: staging writes, the commit protocol, and the Ray Datasink, on local disk and a moto S3 server."""
+"""Staging writes, the commit protocol and recovery, and the WaveCommitter, on local disk and a moto S3 server."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from _sinkrows import DIGEST, DT, MODEL, RUN, do_commit, image_rows, list_files, marker, shard
 
-from pipeline import sink, table
+from pipeline import commit as protocol  # the module; `commit` below is this file's helper
+from pipeline import table
+from pipeline.commit import CommitError
 from pipeline.config import INTEGRITY_FAILED, UNTRUSTED_ROW_CODE
-from pipeline.sink import CommitError, committed_shards, output_schema, write_staging
+from pipeline.layout import committed_shards
+from pipeline.schema import output_schema
+from pipeline.staging import write_staging
 from pipeline.waves import WaveCommitter
 
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
@@ -53,7 +57,8 @@ def test_write_staging_drops_markers_and_reports(output):
     assert res["file"].startswith(f"_staging/{RUN}/") and res["file"].endswith(".parquet")
     assert res["rows"] == 9 and res["bytes"] > 0
     assert res["shard_rows"] == {A: 4, B: 5}
-    assert res["markers"] == {A: {"images": 4, "error": None}, B: {"images": 5, "error": None}}
+    assert res["markers"] == {A: {"images": 4, "error": None, "format": "webdataset"},
+                              B: {"images": 5, "error": None, "format": "webdataset"}}
     assert res["status_counts"] == {"ok": 8, "error": 1}
     json.dumps(res)  # travels through Ray and into the manifest
 
@@ -72,7 +77,7 @@ def test_write_staging_drops_markers_and_reports(output):
 def test_write_staging_without_image_rows_writes_nothing(output):
     res = stage(output, marker(A, 0), marker(B, 0, "shard_error: truncated tar"))
     assert res["file"] is None and res["rows"] == 0 and res["shard_rows"] == {}
-    assert res["markers"][B] == {"images": 0, "error": "shard_error: truncated tar"}
+    assert res["markers"][B] == {"images": 0, "error": "shard_error: truncated tar", "format": "webdataset"}
     assert list_files(output) == []
 
 
@@ -89,11 +94,12 @@ def test_write_staging_embeddings_and_bad_input(tmp_path):
 
 def test_commit_layout_and_manifest(output, monkeypatch):
     r1 = stage(output, shard(A, 4, errors=1), image_rows(B, 2))
-    r2 = stage(output, image_rows(B, 3, start=2), marker(B, 5), marker(C, 0, "shard_error: truncated tar"))
+    r2 = stage(output, image_rows(B, 3, start=2), marker(B, 5),
+               marker(C, 0, "shard_error: truncated tar", fmt="parquet"))
     failed = stage(output, shard(A, 4))  # a failed/retried attempt: written, but not in results
     assert failed["file"] in list_files(output)
 
-    real_write = sink._write_manifest
+    real_write = protocol._write_manifest
 
     def write_manifest_last(fs, path, data):  # at the commit point every file is already in place
         files = list_files(output)
@@ -101,16 +107,17 @@ def test_commit_layout_and_manifest(output, monkeypatch):
         assert all(f["path"] in files for f in json.loads(data)["files"])
         real_write(fs, path, data)
 
-    monkeypatch.setattr(sink, "_write_manifest", write_manifest_last)
+    monkeypatch.setattr(protocol, "_write_manifest", write_manifest_last)
     m = do_commit(output, [r1, r2], [A, B, C])
 
     part = f"model={MODEL}/dt={DT}"
     assert [f["path"] for f in m["files"]] == [f"{part}/part-c-0001-00000.parquet", f"{part}/part-c-0001-00001.parquet"]
     assert list_files(output) == ["_manifests/c-0001.json"] + [f["path"] for f in m["files"]]  # staging is gone
     assert sum(f["rows"] for f in m["files"]) == 9 and all(f["bytes"] > 0 for f in m["files"])
-    assert m["shards"] == {A: {"images": 4, "rows": 4, "error": None, "done": True},
-                           B: {"images": 5, "rows": 5, "error": None, "done": True},
-                           C: {"images": 0, "rows": 0, "error": "shard_error: truncated tar", "done": True}}
+    assert m["shards"] == {A: {"images": 4, "rows": 4, "error": None, "done": True, "format": "webdataset"},
+                           B: {"images": 5, "rows": 5, "error": None, "done": True, "format": "webdataset"},
+                           C: {"images": 0, "rows": 0, "error": "shard_error: truncated tar", "done": True,
+                               "format": "parquet"}}
     assert m["counts"] == {"images": 9, "ok": 8, "error": 1, "shards": 3, "shard_errors": 1}
     assert (m["version"], m["run_id"], m["commit_id"], m["model"], m["model_digest"], m["dt"]) == (
         1, RUN, "c-0001", MODEL, DIGEST, DT)
@@ -124,6 +131,12 @@ def test_commit_layout_and_manifest(output, monkeypatch):
     assert set(t["model"].to_pylist()) == {MODEL} and set(t["dt"].to_pylist()) == {DT}
 
 
+def test_manifest_records_a_shards_format_only_when_its_marker_carries_one(tmp_path):
+    out = str(tmp_path)
+    m = do_commit(out, [stage(out, shard(A, 1), image_rows(B, 1), marker(B, 1, fmt=None))], [A, B])
+    assert m["shards"][A]["format"] == "webdataset" and "format" not in m["shards"][B]  # readers fall back
+
+
 def test_failed_attempt_is_never_visible(output):
     good = stage(output, shard(A, 3))
     failed = stage(output, shard(A, 3))
@@ -131,7 +144,7 @@ def test_failed_attempt_is_never_visible(output):
     assert failed["file"] in list_files(output)  # left in staging
     assert table.read_table(output).num_rows == 3
     assert all("_staging" not in p for p in table.committed_files(output))
-    sink.cleanup_staging(output, RUN)
+    protocol.cleanup_staging(output, RUN)
     assert not any(f.startswith("_staging/") for f in list_files(output))
 
 
@@ -184,7 +197,7 @@ def test_crash_before_manifest_then_resume(output, monkeypatch):
     def crash(*a, **k):
         raise OSError("driver died")
 
-    monkeypatch.setattr(sink, "_write_manifest", crash)
+    monkeypatch.setattr(protocol, "_write_manifest", crash)
     with pytest.raises(OSError, match="driver died"):
         do_commit(output, res, [A, B])
     assert any(f.startswith(f"model={MODEL}/") for f in list_files(output))  # moved, but not committed
@@ -343,9 +356,9 @@ def test_manifest_write_is_exclusive(output, monkeypatch):
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root.rstrip('/')}/_manifests/c-0001.json"
     before = fs.cat(path)
-    monkeypatch.setattr(sink, "_exists", lambda fs, p: False)
+    monkeypatch.setattr(protocol, "_exists", lambda fs, p: False)
     with pytest.raises(CommitError, match="already exists"):
-        sink._write_manifest(fs, path, b"{}")
+        protocol._write_manifest(fs, path, b"{}")
     assert fs.cat(path) == before
 
 
@@ -366,14 +379,14 @@ def test_driver_killed_between_commit_steps_then_recover(output, monkeypatch, cr
         raise OSError("driver killed")
 
     if crash == "after_intent":
-        monkeypatch.setattr(sink, "_apply_moves", killed)
+        monkeypatch.setattr(protocol, "_apply_moves", killed)
     elif crash == "mid_moves":
-        real = sink._apply_moves
-        monkeypatch.setattr(sink, "_apply_moves", lambda fs, root, moves: (real(fs, root, moves[:1]), killed()))
+        real = protocol._apply_moves
+        monkeypatch.setattr(protocol, "_apply_moves", lambda fs, root, moves: (real(fs, root, moves[:1]), killed()))
     elif crash == "before_manifest":
-        monkeypatch.setattr(sink, "_write_manifest", killed)
+        monkeypatch.setattr(protocol, "_write_manifest", killed)
     else:
-        monkeypatch.setattr(sink, "_finish_commit", killed)
+        monkeypatch.setattr(protocol, "_finish_commit", killed)
     with pytest.raises(OSError, match="driver killed"):
         do_commit(output, res, [A, B])
     monkeypatch.undo()
@@ -381,25 +394,25 @@ def test_driver_killed_between_commit_steps_then_recover(output, monkeypatch, cr
     if crash in ("mid_moves", "before_manifest"):  # moved but not committed: only raw globs could see it
         assert raw_partition_rows(output) > 0 and table.read_table(output).num_rows == 0
 
-    report = sink.recover(output, staging_grace_s=0)
+    report = protocol.recover(output, staging_grace_s=0)
     assert report["completed" if crash == "after_manifest" else "rolled_forward"] == ["c-0001"]
     [m] = table.list_manifests(output)
     assert m["counts"]["images"] == 5 and committed_shards(output, DIGEST) == {A, B}
     files = list_files(output)
     assert files == ["_manifests/c-0001.json"] + [f["path"] for f in m["files"]]  # no intent, no staging
     assert table.read_table(output).num_rows == raw_partition_rows(output) == 5
-    assert sink.recover(output, staging_grace_s=0) == {k: [] for k in report}  # idempotent
+    assert protocol.recover(output, staging_grace_s=0) == {k: [] for k in report}  # idempotent
 
 
 def test_recover_rolls_back_when_staged_files_are_gone(output, monkeypatch):
     res = [stage(output, shard(A, 2)), stage(output, shard(B, 3))]
-    real = sink._apply_moves
+    real = protocol._apply_moves
 
     def one_then_killed(fs, root, moves):
         real(fs, root, moves[:1])
         raise OSError("driver killed")
 
-    monkeypatch.setattr(sink, "_apply_moves", one_then_killed)
+    monkeypatch.setattr(protocol, "_apply_moves", one_then_killed)
     with pytest.raises(OSError):
         do_commit(output, res, [A, B])
     monkeypatch.undo()
@@ -407,7 +420,7 @@ def test_recover_rolls_back_when_staged_files_are_gone(output, monkeypatch):
     for f in list_files(output):
         if f.startswith("_staging/"):
             fs.rm(f"{root.rstrip('/')}/{f}")  # e.g. an operator cleaned staging by hand
-    report = sink.recover(output, staging_grace_s=0)
+    report = protocol.recover(output, staging_grace_s=0)
     assert report["rolled_back"] == ["c-0001"]
     assert list_files(output) == [] and raw_partition_rows(output) == 0
     assert committed_shards(output, DIGEST) == set()  # both shards stay pending for the next run
@@ -421,10 +434,10 @@ def test_recover_removes_orphan_parts_and_only_stale_staging(output):
     fs.pipe_file(f"{root.rstrip('/')}/{orphan}", fs.cat_file(f"{root.rstrip('/')}/{leftover['file']}"))
     assert raw_partition_rows(output) == 5
 
-    report = sink.recover(output)  # default grace: a fresh staging folder may belong to a live run
+    report = protocol.recover(output)  # default grace: a fresh staging folder may belong to a live run
     assert report["orphans_removed"] == [orphan] and report["staging_removed"] == []
     assert leftover["file"] in list_files(output) and raw_partition_rows(output) == 2
-    assert sink.recover(output, staging_grace_s=0)["staging_removed"] == [f"_staging/{RUN}"]
+    assert protocol.recover(output, staging_grace_s=0)["staging_removed"] == [f"_staging/{RUN}"]
     assert not any(f.startswith("_staging/") for f in list_files(output))
     assert table.read_table(output).num_rows == 2
 
@@ -438,7 +451,7 @@ def test_unreachable_shards_are_not_done_corrupt_ones_are(output):
     m = do_commit(output, results, [A, B, C, D, E])
     assert {u: s["done"] for u, s in m["shards"].items()} == {A: False, B: False, C: True, D: True, E: True}
     assert committed_shards(output, DIGEST) == {C, D, E}  # A and B are tried again by the next run
-    assert sink.shard_done(None, 0) and sink.shard_done("shard_error: truncated: x", 0)
+    assert protocol.shard_done(None, 0) and protocol.shard_done("shard_error: truncated: x", 0)
 
 
 def test_rows_of_a_shard_that_failed_its_integrity_check_become_error_rows(output, monkeypatch):
@@ -450,13 +463,13 @@ def test_rows_of_a_shard_that_failed_its_integrity_check_become_error_rows(outpu
     def crash(*a, **k):
         raise OSError("driver died")
 
-    monkeypatch.setattr(sink, "_write_manifest", crash)
+    monkeypatch.setattr(protocol, "_write_manifest", crash)
     with pytest.raises(OSError, match="driver died"):
         do_commit(output, results, [A, B, C])
     monkeypatch.undo()
     m = do_commit(output, results, [A, B, C])  # the same commit again: rewrites the same copies, then commits
     assert m["counts"] == {"images": 7, "ok": 3, "error": 4, "shards": 3, "shard_errors": 1}
-    assert m["shards"][B] == {"images": 4, "rows": 4, "error": failed, "done": True}
+    assert m["shards"][B] == {"images": 4, "rows": 4, "error": failed, "done": True, "format": "webdataset"}
     rows = table.read_table(output).to_pylist()
     assert len(rows) == 7 and all(r["status"] == "ok" for r in rows if r["source"] != B)
     untrusted = [r for r in rows if r["source"] == B]
@@ -489,5 +502,5 @@ def test_credentials_never_reach_manifest_or_rows(output, monkeypatch):
 
 def commit(output, results, expected, config):
     res = results if isinstance(results, list) else [results]
-    return sink.commit(output=output, run_id=RUN, commit_id="c-0001", model_name=MODEL, model_digest=DIGEST, dt=DT,
+    return protocol.commit(output=output, run_id=RUN, commit_id="c-0001", model_name=MODEL, model_digest=DIGEST, dt=DT,
                        results=res, expected_shards=expected, config=config, stats={})

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -9,7 +13,7 @@ import pytest
 from _sinkrows import DIGEST, DT, MODEL, RUN, do_commit, image_rows, list_files, marker, shard
 
 from pipeline import table
-from pipeline.sink import write_staging
+from pipeline.staging import write_staging
 
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
 
@@ -118,3 +122,12 @@ def test_plain_hive_readers_without_vitlabel(tmp_path):
         f"SELECT image_id, model, CAST(dt AS VARCHAR) FROM read_parquet('{out}/model=*/dt=*/*.parquet', "
         "hive_partitioning = true)").fetchall()
     assert sorted(rows) == want
+
+
+def test_reading_imports_no_writer_and_no_ray():
+    """A reader (a notebook, `vitlabel query`) pays for neither Ray nor the commit code."""
+    code = ("import sys, pipeline.table; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m in ('pipeline.commit', 'pipeline.staging')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"

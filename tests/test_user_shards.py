@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline import plan
 from pipeline.config import JobConfig
-from pipeline.table import read_table
+from pipeline.table import list_manifests, read_table
 
 Expected = dict[tuple[str, str], str]  # (shard name, key) -> "ok" or the error code of its row
 ShardErrors = dict[str, str]  # shard name -> the code of its shard error
@@ -137,8 +137,9 @@ def test_every_image_member_is_one_row(ray_local, input_root, tmp_path, pngs):
     for more, errors in (damaged_shards(input_root, pngs), hf_path_shards(input_root, pngs, tmp_path / "src")):
         expected, shard_errors = expected | more, shard_errors | errors
     out = str(tmp_path / "out")
+    layout = "split" if "://" in input_root else "fused"  # both layouts carry every row and marker to the commit
     summary = plan.run(JobConfig(input=input_root, output=out, model="builtin:digits", progress=False,
-                                 batch_size=16, preprocess_batch_size=8)).to_dict()
+                                 batch_size=16, preprocess_batch_size=8, layout=layout)).to_dict()
 
     rows = sorted(read_table(out).to_pylist(), key=lambda r: (r["source"], r["key"], r["status"] != "ok"))
     assert _outcomes(rows) == expected
@@ -148,3 +149,6 @@ def test_every_image_member_is_one_row(ray_local, input_root, tmp_path, pngs):
     assert errors == shard_errors
     untrusted = [r for r in rows if r["error"] and r["error"].startswith("corrupt_shard: ")]
     assert untrusted and all(r["label"] is None and "gzip" in r["error"] for r in untrusted)
+    formats = {uri.rsplit("/", 1)[-1]: s["format"] for m in list_manifests(out) for uri, s in m["shards"].items()}
+    assert formats == {"multi.tar": "webdataset", "crc.tar.gz": "webdataset", "header.tar": "webdataset",
+                       "pages.parquet": "parquet", "hf.parquet": "parquet"}

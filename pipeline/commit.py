@@ -1,11 +1,10 @@
-"""Commit sink: the driver stages a wave's rows as Parquet files and commits them with a manifest.
+"""Commit and recovery: the driver publishes a wave's staged files with a manifest, or finishes a killed commit.
 
-Commit protocol (a Parquet file is part of the table only when a committed manifest names it):
+Commit protocol (a Parquet file is part of the table only when a committed manifest names it; paths:
+`pipeline.layout`):
 
-1. `write_staging` (called by `waves.WaveCommitter` on the driver) drops the per-shard MARKER rows (shard_images >= 0),
-   streams the image rows into ONE file `OUTPUT/_staging/<staging_id>/<uuid4>.parquet` (staging_id: the
-   run_id by default; the plan uses one per commit wave) and returns a small JSON-able result: the file,
-   its rows, rows per source shard, and the markers it saw.
+1. `staging.write_staging` streams a wave's image rows into files under `_staging/<staging_id>/` and returns,
+   for each file, its rows and the shard markers it saw.
 2. The committer keeps the results of the files it staged for the wave; only those are named, so a file a
    killed driver left in staging is never part of a commit (`recover` deletes it).
 3. `commit` (driver) checks every expected shard is fully covered (a marker seen, rows == images),
@@ -26,70 +25,50 @@ Commit protocol (a Parquet file is part of the table only when a committed manif
 A shard's manifest entry says whether it is `done`: yes unless its reader could not reach it at all
 (marker error code `missing` or `unavailable`, no rows), so a shard deleted after listing or unreadable for
 lack of permission is tried again by the next run, while a corrupt shard is recorded once, with its error.
-
-`_staging` and `_manifests` start with `_`, so pyarrow.dataset ignores them; DuckDB globs should name the
-partitions (`OUTPUT/model=*/dt=*/*.parquet`). `model` and `dt` live only in the path (hive style).
-Object-store credentials come from the environment (fsspec), never from arguments or manifests.
+It also records the shard's `format` as its marker row carried it (`sources.Shard.format`: webdataset, parquet,
+folder, the names `--input-format` uses), so a reader of the manifest never guesses it from the suffix.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import INTEGRITY_FAILED, RETRYABLE_SHARD_CODES, UNTRUSTED_ROW_CODE, redact, redact_obj
+from pipeline.layout import (
+    DT_RE,
+    MANIFEST_DIR,
+    MANIFEST_VERSION,
+    NAME_RE,
+    PENDING_DIR,
+    STAGING_DIR,
+    check_name,
+    fs_root,
+    list_manifests,
+    manifest_path,
+    partition_prefix,
+    pending_path,
+    staging_prefix,
+    to_json,
+)
+from pipeline.schema import ERROR_VALUES
 from pipeline.storage import create_only
 
 logger = logging.getLogger(__name__)
 
-STAGING_DIR = "_staging"
-MANIFEST_DIR = "_manifests"
-PENDING_DIR = "_pending"  # write-ahead intents; `_`-prefixed: readers skip it, and `_manifests/` holds only commits
 STAGING_GRACE_S = 6 * 3600.0  # recover() leaves younger staging folders alone unless the caller is the only writer
-MANIFEST_VERSION = 1
-PARTITION_COLUMNS = ("model", "dt")
-MARKER_COLUMN = "shard_images"  # -1 on image rows; N >= 0 on the one marker row per shard
-ROW_GROUP_ROWS = 65_536  # flush a row group at this many buffered rows ...
-ROW_GROUP_BYTES = 64 << 20  # ... or this many buffered bytes, whichever comes first
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,120}")
-_DT_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-# Columns every batch reaching the sink must carry (besides the optional embedding and shard_images).
-_INPUT_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("image_id", pa.string()),
-    ("source", pa.string()),
-    ("key", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("label", pa.string()),
-    ("label_id", pa.int32()),
-    ("score", pa.float32()),  # null for error rows (NaN is turned into null: SQL aggregates skip nulls)
-    ("topk_labels", pa.list_(pa.string())),
-    ("topk_ids", pa.list_(pa.int32())),
-    ("topk_scores", pa.list_(pa.float32())),
-]
-_EMBEDDING_FIELD = ("embedding", pa.list_(pa.float32()))
-_RUN_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("model_digest", pa.string()),
-    ("run_id", pa.string()),
-    ("labelled_at", pa.timestamp("us", tz="UTC")),
-]
 
 
 class CommitError(RuntimeError):
@@ -103,236 +82,14 @@ class CommitError(RuntimeError):
         self.shards = list(shards or [])
 
 
-def output_schema(embeddings: bool) -> pa.Schema:
-    """Columns stored in each Parquet file. `model` and `dt` are NOT here: they are hive path partitions."""
-    fields = list(_INPUT_FIELDS) + ([_EMBEDDING_FIELD] if embeddings else []) + list(_RUN_FIELDS)
-    return pa.schema(fields)
-
-
-# ---------------------------------------------------------------------------------------------- filesystem
-
-
-def _fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and root path (protocol stripped) for a local path or URL; creds from the env."""
-    fs, root = fsspec.core.url_to_fs(output)
-    return fs, root.rstrip("/")
-
-
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def _check_name(what: str, value: str, pattern: re.Pattern[str] = _NAME_RE) -> None:
-    if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        expected = "YYYY-MM-DD" if pattern is _DT_RE else "letters, digits, '_', '.', '-' (at most 120)"
-        raise ValueError(f"{what}: expected {expected}, got {value!r}")
+# ----------------------------------------------------------------------------------------------------- commit
 
 
-def staging_prefix(staging_id: str) -> str:
-    """Staging folder of a run (or of one wave of a run), relative to OUTPUT."""
-    return f"{STAGING_DIR}/{staging_id}"
-
-
-def partition_prefix(model_name: str, dt: str) -> str:
-    """Partition folder, relative to OUTPUT."""
-    return f"model={model_name}/dt={dt}"
-
-
-def manifest_path(commit_id: str) -> str:
-    """Manifest of a commit, relative to OUTPUT."""
-    return f"{MANIFEST_DIR}/{commit_id}.json"
-
-
-def pending_path(commit_id: str) -> str:
-    """Write-ahead intent of a commit in progress, relative to OUTPUT."""
-    return f"{PENDING_DIR}/{commit_id}.json"
-
-
-# -------------------------------------------------------------------------------------------- write tasks
-
-
-def _to_list_array(arr: pa.Array, value_type: pa.DataType) -> pa.Array:
-    """One chunk of a list-like column (list, large_list, fixed_size_list, Ray tensor extension) -> list<value_type>."""
-    target = pa.list_(value_type)
-    if isinstance(arr.type, pa.ExtensionType):
-        # Ray stores [B, k] numpy columns as tensor extension arrays; numpy unicode becomes fixed-size
-        # binary (UTF-32) in their storage, so go through numpy rather than casting the storage.
-        nd = arr.to_numpy(zero_copy_only=False)
-        return _numpy_to_list_array(nd, value_type)
-    return arr.cast(target)
-
-
-def _numpy_to_list_array(nd: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    target = pa.list_(value_type)
-    if nd.dtype != object and nd.ndim == 2:  # [B, k]
-        flat = pa.array(nd.reshape(-1)).cast(value_type)
-        return pa.FixedSizeListArray.from_arrays(flat, nd.shape[1]).cast(target)
-    return pa.array([None if x is None else list(x) for x in nd], type=target)
-
-
-def _as_table(batch: pa.Table | Mapping[str, Any]) -> pa.Table:
-    """A batch as an Arrow table: a pyarrow Table, a pandas DataFrame or a dict of numpy arrays / lists."""
-    if isinstance(batch, pa.Table):
-        return batch
-    if isinstance(batch, pa.RecordBatch):
-        return pa.Table.from_batches([batch])
-    if isinstance(batch, Mapping):
-        cols = {}
-        for name, value in batch.items():
-            if isinstance(value, np.ndarray) and value.ndim > 1:
-                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)), value.shape[1])
-            else:
-                cols[name] = value
-        return pa.table(cols)
-    return pa.Table.from_pandas(batch, preserve_index=False)  # a pandas DataFrame
-
-
-def _column(table: pa.Table, name: str, dtype: pa.DataType) -> pa.ChunkedArray:
-    col = table.column(name)
-    if pa.types.is_list(dtype):
-        chunks = [_to_list_array(c, dtype.value_type) for c in col.chunks]
-        return pa.chunked_array(chunks, type=dtype)
-    if isinstance(col.type, pa.ExtensionType):
-        col = pa.chunked_array([c.storage for c in col.chunks], type=col.type.storage_type)
-    col = col.cast(dtype)
-    if name == "score":  # NaN -> null, so AVG/quantiles over scores are not poisoned by error rows
-        col = pc.if_else(pc.is_nan(col), pa.scalar(None, dtype), col)
-    return col
-
-
-def _split_markers(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-    """(image rows, marker rows) by the shard_images column; without it every row is an image row."""
-    if MARKER_COLUMN not in table.column_names:
-        return table, None
-    n = pc.fill_null(table.column(MARKER_COLUMN).cast(pa.int64()), -1)
-    is_marker = pc.greater_equal(n, 0)
-    return table.filter(pc.invert(is_marker)), table.filter(is_marker)
-
-
-def _image_table(table: pa.Table, schema: pa.Schema, run_cols: dict[str, pa.Array]) -> pa.Table:
-    names = [f.name for f in schema if f.name not in run_cols]
-    missing = [n for n in names if n not in table.column_names]
-    if missing:
-        raise ValueError(f"sink batch: expected columns {names}, got {table.column_names} (missing {missing})")
-    arrays = [_column(table, f.name, f.type) if f.name not in run_cols else None for f in schema]
-    n = table.num_rows
-    arrays = [a if a is not None else pa.repeat(run_cols[f.name], n) for a, f in zip(arrays, schema, strict=True)]
-    out = pa.Table.from_arrays(arrays, schema=schema)
-    bad = pc.invert(pc.is_in(out.column("status"), pa.array(["ok", "error"])))
-    if pc.any(bad).as_py():
-        got = pc.unique(out.column("status").filter(bad)).to_pylist()
-        raise ValueError(f"sink batch: expected status 'ok' or 'error', got {got}")
-    return out
-
-
-def _redact_errors(table: pa.Table) -> pa.Table:
-    """Error messages quote exceptions; make sure no credential rides along into the table."""
-    col = table.column("error")
-    if col.null_count == table.num_rows:
-        return table
-    values = [redact(v) if v else v for v in col.to_pylist()]
-    return table.set_column(table.schema.get_field_index("error"), "error", pa.array(values, pa.string()))
-
-
-def write_staging(
-    tables: Iterable[pa.Table | Mapping[str, Any]],
-    *,
-    output: str,
-    run_id: str,
-    model_digest: str,
-    embeddings: bool,
-    staging_id: str | None = None,
-) -> dict[str, Any]:
-    """Stream the image rows of `tables` into one staged Parquet file; return what was written.
-
-    Returns {"file": "_staging/<staging_id>/<uuid>.parquet" (relative to OUTPUT) or None when there were no
-    image rows, "rows": n, "bytes": file size, "status_counts": {"ok": n, "error": n},
-    "shard_rows": {source: n}, "markers": {source: {"images": N, "error": e}}}.
-    """
-    _check_name("run_id", run_id)
-    staging_id = staging_id or run_id
-    _check_name("staging_id", staging_id)
-    schema = output_schema(embeddings)
-    now = datetime.now(UTC)
-    run_cols = {
-        "model_digest": pa.scalar(model_digest, pa.string()),
-        "run_id": pa.scalar(run_id, pa.string()),
-        "labelled_at": pa.scalar(now, pa.timestamp("us", tz="UTC")),
-    }
-    fs, root = _fs(output)
-    rel = f"{staging_prefix(staging_id)}/{uuid.uuid4().hex}.parquet"
-    path = f"{root}/{rel}"
-
-    shard_rows: dict[str, int] = {}
-    markers: dict[str, dict[str, Any]] = {}
-    status_counts = {"ok": 0, "error": 0}
-    rows = 0
-    nbytes = 0
-    buffered: list[pa.Table] = []
-    buffered_rows = buffered_bytes = 0
-    f = writer = None
-
-    def flush() -> None:
-        nonlocal buffered, buffered_rows, buffered_bytes
-        if buffered:
-            writer.write_table(pa.concat_tables(buffered), row_group_size=max(buffered_rows, 1))
-        buffered, buffered_rows, buffered_bytes = [], 0, 0
-
-    try:
-        for batch in tables:
-            images, marks = _split_markers(_as_table(batch))
-            if marks is not None and marks.num_rows:
-                srcs, counts = marks.column("source").to_pylist(), marks.column(MARKER_COLUMN).to_pylist()
-                errs = marks.column("error").to_pylist() if "error" in marks.column_names else [None] * len(srcs)
-                for src, n, e in zip(srcs, counts, errs, strict=True):
-                    markers[src] = {"images": int(n), "error": redact(e) if e else e}
-            if images.num_rows == 0:
-                continue
-            out = _redact_errors(_image_table(images, schema, run_cols))
-            for row in pc.value_counts(out.column("source")).to_pylist():
-                shard_rows[row["values"]] = shard_rows.get(row["values"], 0) + row["counts"]
-            for row in pc.value_counts(out.column("status")).to_pylist():
-                status_counts[row["values"]] += row["counts"]
-            rows += out.num_rows
-            if writer is None:
-                fs.makedirs(f"{root}/{staging_prefix(staging_id)}", exist_ok=True)
-                f = fs.open(path, "wb")
-                writer = pq.ParquetWriter(f, schema, compression="zstd")
-            buffered.append(out)
-            buffered_rows += out.num_rows
-            buffered_bytes += out.nbytes
-            if buffered_rows >= ROW_GROUP_ROWS or buffered_bytes >= ROW_GROUP_BYTES:
-                flush()
-        if writer is not None:
-            flush()
-            writer.close()
-            nbytes = f.tell()
-            f.close()  # on S3 the object appears only now, complete
-            writer = f = None
-    finally:
-        if f is not None:  # failed mid-way: abandon the partial file (the next attempt writes a new uuid)
-            try:
-                if hasattr(f, "discard"):
-                    f.discard()  # s3fs: abort the multipart upload
-                else:
-                    f.close()
-            except Exception:  # noqa: BLE001 - best effort, the original error is what matters
-                logger.warning("could not discard partial staging file %s", rel, exc_info=True)
-
-    return {
-        "file": rel if rows else None,
-        "rows": rows,
-        "bytes": nbytes,
-        "status_counts": status_counts,
-        "shard_rows": shard_rows,
-        "markers": markers,
-    }
-
-
-# ------------------------------------------------------------------------------------------------- commit
-
-
-_STAGED_RE = re.compile(rf"{STAGING_DIR}/({_NAME_RE.pattern})/[A-Za-z0-9_.-]+\.parquet")
+_STAGED_RE = re.compile(rf"{STAGING_DIR}/({NAME_RE.pattern})/[A-Za-z0-9_.-]+\.parquet")
 
 
 def _merge_results(results: list[dict[str, Any]], staging_id: str | None):
@@ -354,7 +111,8 @@ def _merge_results(results: list[dict[str, Any]], staging_id: str | None):
         for src, n in r.get("shard_rows", {}).items():
             shard_rows[src] = shard_rows.get(src, 0) + int(n)
         for src, m in r.get("markers", {}).items():
-            m = {"images": int(m["images"]), "error": m.get("error")}
+            m = {"images": int(m["images"]), "error": m.get("error"),
+                 **({"format": m["format"]} if "format" in m else {})}
             if src in markers and markers[src] != m:
                 conflicts.append(src)
             markers[src] = m
@@ -407,7 +165,7 @@ def commit(
     of `commit_id` already exists. Resumable: if a previous attempt crashed after moving some files but
     before the manifest, calling again with the same arguments finishes the job.
 
-    Staged files may live in any `_staging/<id>/` folder (the sink's staging_id); pass `staging_id` to
+    Staged files may live in any `_staging/<id>/` folder (the staging writer's staging_id); pass `staging_id` to
     accept only that folder. `cleanup=True` then removes, best effort, every staging folder this commit's
     files came from, plus `_staging/<staging_id>/` (failed-attempt leftovers included). With one staging
     folder per wave (staging_id=commit_id, as the WaveCommitter stages) that never touches another wave's files; with
@@ -415,11 +173,11 @@ def commit(
     at the end of the run.
     """
     for what, value in (("run_id", run_id), ("commit_id", commit_id), ("model_name", model_name)):
-        _check_name(what, value)
+        check_name(what, value)
     if staging_id is not None:
-        _check_name("staging_id", staging_id)
-    _check_name("dt", dt, _DT_RE)
-    fs, root = _fs(output)
+        check_name("staging_id", staging_id)
+    check_name("dt", dt, DT_RE)
+    fs, root = fs_root(output)
     fs.invalidate_cache()  # write tasks ran in other processes: never trust cached listings
     mpath = f"{root}/{manifest_path(commit_id)}"
     if _exists(fs, mpath):
@@ -478,6 +236,8 @@ def commit(
         rows = shard_rows.get(src, 0)
         shards[src] = {"images": markers[src]["images"], "rows": rows, "error": error,
                        "done": shard_done(error, rows)}
+        if "format" in markers[src]:  # the reader's format (`sources.Shard.format`): webdataset, parquet, folder
+            shards[src]["format"] = markers[src]["format"]
     manifest = {
         "version": MANIFEST_VERSION,
         "run_id": run_id,
@@ -500,18 +260,13 @@ def commit(
     }
     intent = {"version": MANIFEST_VERSION, "commit_id": commit_id, "moves": moves,
               "staging_dirs": sorted(staging_dirs), "manifest": manifest}
-    _write_intent(fs, root, commit_id, _dumps(intent))  # write-ahead: from here on, recover() can finish it
+    _write_intent(fs, root, commit_id, to_json(intent))  # write-ahead: from here on, recover() can finish it
     _apply_moves(fs, root, moves)
-    _write_manifest(fs, mpath, _dumps(manifest))  # the commit point
+    _write_manifest(fs, mpath, to_json(manifest))  # the commit point
     logger.info("committed %s: %d files, %d rows, %d shards", commit_id, len(manifest_files),
                 sum(f["rows"] for f in manifest_files), len(shards))
     _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs if cleanup else ())
     return manifest
-
-
-# An untrusted row keeps its ids and source, and reads as any other error row: no label, no size.
-_UNTRUSTED_VALUES = {"status": "error", "width": -1, "height": -1, "label": None, "label_id": -1, "score": None,
-                     "topk_labels": [], "topk_ids": [], "topk_scores": [], "embedding": None}
 
 
 def _untrusted_shards(markers: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -540,8 +295,8 @@ def _distrust(fs: fsspec.AbstractFileSystem, root: str, result: dict[str, Any], 
         col = table.column(field.name).combine_chunks()
         if field.name == "error":
             col = pc.if_else(bad, reasons, col)
-        elif field.name in _UNTRUSTED_VALUES:
-            col = pc.if_else(bad, pa.scalar(_UNTRUSTED_VALUES[field.name], field.type), col)
+        elif field.name in ERROR_VALUES:  # an untrusted row keeps its ids and source, and reads as any error row
+            col = pc.if_else(bad, pa.scalar(ERROR_VALUES[field.name], field.type), col)
         columns.append(col)
     table = pa.Table.from_arrays(columns, schema=table.schema)
     with fs.open(f"{root}/{rel}", "wb") as f:
@@ -562,10 +317,6 @@ def shard_done(error: str | None, rows: int) -> bool:
         return True
     code = error.removeprefix("shard_error:").strip().split(":", 1)[0].strip()
     return not (code in RETRYABLE_SHARD_CODES and rows == 0)
-
-
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, indent=1, sort_keys=False, default=_json_default).encode()
 
 
 def _write_intent(fs: fsspec.AbstractFileSystem, root: str, commit_id: str, data: bytes) -> None:
@@ -607,16 +358,6 @@ def _finish_commit(fs: fsspec.AbstractFileSystem, root: str, commit_id: str, sta
         _remove_quietly(fs, f"{root}/{d}", recursive=True)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, datetime):
-        return o.isoformat()
-    return str(o)
-
-
 def _remove_quietly(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
     try:
         if _exists(fs, path):
@@ -630,42 +371,14 @@ def cleanup_staging(output: str, staging_id: str) -> None:
 
     Only for folders whose commits are done or abandoned: their files are ones no manifest will ever name.
     """
-    _check_name("staging_id", staging_id)
-    fs, root = _fs(output)
+    check_name("staging_id", staging_id)
+    fs, root = fs_root(output)
     fs.invalidate_cache()
     _remove_quietly(fs, f"{root}/{staging_prefix(staging_id)}", recursive=True)
 
 
-# -------------------------------------------------------------------------------------------- incremental
+# --------------------------------------------------------------------------------------------------- recovery
 
-
-def _manifests(output: str) -> list[dict[str, Any]]:
-    fs, root = _fs(output)
-    fs.invalidate_cache()
-    try:
-        names = fs.glob(f"{root}/{MANIFEST_DIR}/*.json")
-    except FileNotFoundError:
-        return []
-    out = []
-    for p in names:
-        if p.rsplit("/", 1)[-1].startswith("."):
-            continue
-        with fs.open(p, "rb") as f:
-            out.append(json.loads(f.read()))
-    return out
-
-
-def committed_shards(output: str, model_digest: str) -> set[str]:
-    """Shard URIs that committed manifests for `model_digest` mark done (corrupt shards included, with their
-    error; shards that could not be reached are not done: see `shard_done`)."""
-    done: set[str] = set()
-    for m in _manifests(output):
-        if m.get("model_digest") == model_digest:
-            done.update(uri for uri, s in m.get("shards", {}).items() if s.get("done", True))
-    return done
-
-
-# ---------------------------------------------------------------------------------------------- recovery
 
 _PART_RE = re.compile(r"part-(?P<commit>[A-Za-z0-9_.-]+)-\d{5}\.parquet")
 
@@ -690,7 +403,7 @@ def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> 
 
     Meant for the one writer of OUTPUT (nightly holds the lease). Returns what it did, by kind.
     """
-    fs, root = _fs(output)
+    fs, root = fs_root(output)
     fs.invalidate_cache()
     done: dict[str, list[str]] = {"completed": [], "rolled_forward": [], "rolled_back": [], "orphans_removed": [],
                                   "staging_removed": []}
@@ -704,7 +417,7 @@ def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> 
             except FileNotFoundError:  # finished meanwhile
                 continue
             commit_id, moves, manifest = intent["commit_id"], intent["moves"], intent["manifest"]
-            _check_name("commit_id", commit_id)
+            check_name("commit_id", commit_id)
             for rel, dest in moves:
                 if _STAGED_RE.fullmatch(rel) is None or ".." in rel or ".." in dest or dest.startswith("/"):
                     raise ValueError(f"bad move {rel!r} -> {dest!r}")
@@ -721,7 +434,7 @@ def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> 
         present = [_exists(fs, f"{root}/{rel}") or _exists(fs, f"{root}/{dest}") for rel, dest in moves]
         if all(present):
             _apply_moves(fs, root, moves)
-            _write_manifest(fs, mpath, _dumps(manifest))
+            _write_manifest(fs, mpath, to_json(manifest))
             _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs)
             done["rolled_forward"].append(commit_id)
             logger.warning("recover: finished commit %s left by a stopped driver (%d files)", commit_id, len(moves))
@@ -733,7 +446,7 @@ def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> 
             logger.warning("recover: rolled back commit %s: %d of its staged files are gone; its shards stay "
                            "pending", commit_id, present.count(False))
 
-    named = {f["path"] for m in _manifests(output) for f in m.get("files", [])}
+    named = {f["path"] for m in list_manifests(output) for f in m.get("files", [])}
     for path in sorted(_listing(fs, f"{root}/model=*/dt=*/part-*.parquet")):
         rel = path[len(root) + 1:]
         if rel not in named and _PART_RE.fullmatch(rel.rsplit("/", 1)[-1]):
@@ -759,3 +472,4 @@ def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> 
             _remove_quietly(fs, d, recursive=True)
             done["staging_removed"].append(d[len(root) + 1:])
     return done
+
