@@ -5,7 +5,7 @@ prediction rows plus one marker row per shard, never the model inputs) streams t
 - keeps each shard's rows until the shard's marker row arrives (the shard is then complete: rows == images
   is checked again by the commit);
 - adds complete shards, in the order they complete, to the current wave, and stages the wave's rows as
-  Parquet files under `_staging/<commit id>/` as they accumulate (memory stays bounded);
+  Parquet files under `_staging/<commit id>.v<version>/` as they accumulate (memory stays bounded);
 - commits the wave (write-ahead intent, moves, manifest last: `sink.commit`) as soon as it holds
   `wave_shards` complete shards, while later shards keep flowing through the same actors.
 
@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.sink import MARKER_COLUMN, commit, write_staging
+from pipeline.sink import MARKER_COLUMN, commit, staging_name, write_staging
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class WaveCommitter:
     def commit_id(self) -> str:
         k = len(self.manifests)
         return self.run_id if self.n_waves == 1 else f"{self.run_id}-w{k:04d}"
+
+    @property
+    def staging_id(self) -> str:
+        """`_staging/<commit id>.v<model version>/`: `sink.recover` of another version's writer leaves it alone."""
+        return staging_name(self.commit_id, self.model_digest)
 
     @property
     def wave_label(self) -> str:
@@ -94,7 +99,7 @@ class WaveCommitter:
         if self.unstaged:
             self.results.append(write_staging(self.unstaged, output=self.output, run_id=self.run_id,
                                               model_digest=self.model_digest, embeddings=self.embeddings,
-                                              staging_id=self.commit_id))
+                                              staging_id=self.staging_id))
         self.unstaged, self.unstaged_rows = [], 0
 
     def _commit(self) -> None:
@@ -107,7 +112,7 @@ class WaveCommitter:
         manifest = commit(
             output=self.output, run_id=self.run_id, commit_id=self.commit_id, model_name=self.model_name,
             model_digest=self.model_digest, dt=self.dt, results=self.results, expected_shards=self.wave,
-            config=self.config, staging_id=self.commit_id,
+            config=self.config, staging_id=self.staging_id,
             stats={**self.stats, "seconds": round(seconds, 3), "wave": k, "waves": self.n_waves,
                    "images_per_s": round(images / seconds, 2) if seconds else 0.0},
         )
