@@ -18,9 +18,12 @@ Commit protocol (a Parquet file is part of the table only when a committed manif
 4. `recover` (driver, at the start of every run, before listing) finishes what a killed driver left: an
    intent whose files are all still there (staged or moved) is rolled forward (moves finished, manifest
    written); otherwise rolled back (moved files deleted, its shards stay pending). Part files that no
-   manifest names are deleted; stale staging folders too. After it, every part file in a partition is named
-   by a committed manifest, so even raw globs over the partitions see exactly the table.
+   manifest or intent names are deleted; stale staging folders too. After it, every part file in a partition
+   is named by a committed manifest (or by a commit in progress), so raw globs over the partitions see the table.
    Between a crash mid-commit and the next run, raw globs may see the moved files; `pipeline.table` never does.
+   Writers of different model versions may share an output (one lease per version): the plan's recover is
+   scoped to its own version (intents by their manifest's model_digest, staging folders by the version in
+   their name, `layout.staging_name`) and leaves another version's alone until it is `OTHERS_GRACE_S` old.
 
 A shard's manifest entry says whether it is `done`: yes unless its reader could not reach it at all
 (marker error code `missing` or `unavailable`, no rows), so a shard deleted after listing or unreadable for
@@ -54,6 +57,7 @@ from pipeline.layout import (
     NAME_RE,
     PENDING_DIR,
     STAGING_DIR,
+    TAGGED_RE,
     check_name,
     fs_root,
     list_manifests,
@@ -62,6 +66,7 @@ from pipeline.layout import (
     pending_path,
     staging_prefix,
     to_json,
+    version_tag,
 )
 from pipeline.schema import ERROR_VALUES
 from pipeline.storage import create_only
@@ -69,6 +74,7 @@ from pipeline.storage import create_only
 logger = logging.getLogger(__name__)
 
 STAGING_GRACE_S = 6 * 3600.0  # recover() leaves younger staging folders alone unless the caller is the only writer
+OTHERS_GRACE_S = STAGING_GRACE_S  # ... and another model version's intents and folders younger than this, always
 
 
 class CommitError(RuntimeError):
@@ -128,13 +134,18 @@ def _exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
         return False
 
 
-def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, int]:
-    """{path: size} of the files matching a glob; {} when the folder does not exist."""
+def _infos(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict[str, Any]]:
+    """{path: fsspec info} of the files matching a glob; {} when the folder does not exist."""
     try:
         found = fs.glob(pattern, detail=True)
     except FileNotFoundError:
         return {}
-    return {p.rstrip("/"): int(info.get("size") or 0) for p, info in found.items() if info.get("type") != "directory"}
+    return {p.rstrip("/"): info for p, info in found.items() if info.get("type") != "directory"}
+
+
+def _listing(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, int]:
+    """{path: size} of the files matching a glob; {} when the folder does not exist."""
+    return {p: int(info.get("size") or 0) for p, info in _infos(fs, pattern).items()}
 
 
 def _write_manifest(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -260,6 +271,7 @@ def commit(
     }
     intent = {"version": MANIFEST_VERSION, "commit_id": commit_id, "moves": moves,
               "staging_dirs": sorted(staging_dirs), "manifest": manifest}
+    _refuse_another_versions_intent(fs, root, commit_id, model_digest)
     _write_intent(fs, root, commit_id, to_json(intent))  # write-ahead: from here on, recover() can finish it
     _apply_moves(fs, root, moves)
     _write_manifest(fs, mpath, to_json(manifest))  # the commit point
@@ -334,6 +346,19 @@ def _write_intent(fs: fsspec.AbstractFileSystem, root: str, commit_id: str, data
     fs.pipe_file(path, data)
 
 
+def _refuse_another_versions_intent(fs: fsspec.AbstractFileSystem, root: str, commit_id: str, model_digest: str
+                                    ) -> None:
+    """A commit id is a run id (+ wave): two model versions run with the same --run-id would overwrite each
+    other's intent and part files. An intent left by an earlier attempt of this same commit is fine."""
+    try:
+        theirs = json.loads(fs.cat_file(f"{root}/{pending_path(commit_id)}"))["manifest"]["model_digest"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none (the usual case), or recover's business
+        return
+    if theirs != model_digest:
+        raise CommitError(f"commit {commit_id!r}: expected no other commit in progress under this id, got one of "
+                          f"model version {theirs}: give this run another --run-id")
+
+
 def _apply_moves(fs: fsspec.AbstractFileSystem, root: str, moves: list[list[str]]) -> None:
     """Move staged files to their partitions; a file already at its destination (an earlier attempt) is skipped."""
     dirs = {dest.rsplit("/", 1)[0] for _, dest in moves}
@@ -391,23 +416,41 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return float(t) if isinstance(t, (int, float)) else None
 
 
-def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> dict[str, list[str]]:
+def recover(output: str, *, model_digest: str | None = None, staging_grace_s: float | None = STAGING_GRACE_S,
+            others_grace_s: float = OTHERS_GRACE_S) -> dict[str, list[str]]:
     """Finish or undo what a killed driver left in OUTPUT; call before listing pending shards.
 
     - each intent `_pending/<commit_id>.json`: if its manifest exists, the commit is done (intent
       dropped); else if every file is still staged or already moved, roll forward (finish the moves, write the
       manifest it holds); else roll back (delete its moved files: its shards stay pending).
-    - part files in `model=*/dt=*/` that no committed manifest names are deleted (crash mid-commit under the
-      old protocol, or a rolled-back commit).
-    - staging folders no intent needs, older than `staging_grace_s` (0: all; None: keep all), are deleted.
+    - part files in `model=*/dt=*/` that neither a committed manifest nor an intent names are deleted (crash
+      mid-commit under the old protocol, or a rolled-back commit).
+    - staging folders no remaining intent needs, older than `staging_grace_s` (0: all; None: keep all), are
+      deleted.
 
-    Meant for the one writer of OUTPUT (nightly holds the lease). Returns what it did, by kind.
+    `model_digest`: the caller holds that model version's lease, so it is the only writer of that version, but
+    writers of other versions may be committing into the same output (and partition) right now. Then only
+    intents of that version, and staging folders named for it (`layout.staging_name`), are handled as above;
+    other intents and folders (other versions', or untagged ones) are left to their writer until they are older
+    than `others_grace_s`, and are reported as `left`. Without `model_digest` the caller is the only writer of
+    OUTPUT and every intent is its business.
+
+    Part files are safe either way, because of the order of the listings: parts, then intents, then manifests.
+    A part file exists only after its commit's intent was written, and the intent is deleted only after the
+    manifest is, so a part file listed first is named by an intent listed after it or by a manifest listed
+    last, unless its commit was abandoned. Returns what it did, by kind.
     """
     fs, root = fs_root(output)
-    fs.invalidate_cache()
     done: dict[str, list[str]] = {"completed": [], "rolled_forward": [], "rolled_back": [], "orphans_removed": [],
-                                  "staging_removed": []}
-    for path in sorted(_listing(fs, f"{root}/{PENDING_DIR}/*.json")):
+                                  "staging_removed": [], "left": []}
+    now = datetime.now(UTC).timestamp()
+    fs.invalidate_cache()
+    parts = sorted(_listing(fs, f"{root}/model=*/dt=*/part-*.parquet"))  # first: see the docstring
+    fs.invalidate_cache()
+    intents = _infos(fs, f"{root}/{PENDING_DIR}/*.json")
+    keep_commits: set[str] = set()  # commits whose part files are an intent's business, not orphans
+    keep_staging: set[str] = set()  # staging folders of intents left to their writer
+    for path in sorted(intents):
         name = path.rsplit("/", 1)[-1]
         if name.startswith("."):
             continue
@@ -426,37 +469,28 @@ def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> 
             raise CommitError(f"recover: expected a commit intent in {PENDING_DIR}/{name}, got unreadable "
                               f"content ({e}); inspect and delete it by hand") from e
         staging_dirs = set(intent.get("staging_dirs", []))
-        mpath = f"{root}/{manifest_path(commit_id)}"
-        if _exists(fs, mpath):  # crashed after the commit point: only the clean-up was left
-            _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs)
-            done["completed"].append(commit_id)
+        keep_commits.add(commit_id)
+        if model_digest is not None and manifest.get("model_digest") != model_digest \
+                and not _older_than(intents[path], now, others_grace_s):
+            keep_staging.update(staging_dirs)  # another version's commit, maybe in progress: its writer's
+            done["left"].append(commit_id)
             continue
-        present = [_exists(fs, f"{root}/{rel}") or _exists(fs, f"{root}/{dest}") for rel, dest in moves]
-        if all(present):
-            _apply_moves(fs, root, moves)
-            _write_manifest(fs, mpath, to_json(manifest))
-            _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs)
-            done["rolled_forward"].append(commit_id)
-            logger.warning("recover: finished commit %s left by a stopped driver (%d files)", commit_id, len(moves))
-        else:
-            for _, dest in moves:
-                _remove_quietly(fs, f"{root}/{dest}")
-            _remove_quietly(fs, path)
-            done["rolled_back"].append(commit_id)
-            logger.warning("recover: rolled back commit %s: %d of its staged files are gone; its shards stay "
-                           "pending", commit_id, present.count(False))
+        done[_recover_intent(fs, root, path, commit_id, moves, manifest, staging_dirs)].append(commit_id)
 
+    fs.invalidate_cache()
     named = {f["path"] for m in list_manifests(output) for f in m.get("files", [])}
-    for path in sorted(_listing(fs, f"{root}/model=*/dt=*/part-*.parquet")):
+    for path in parts:
         rel = path[len(root) + 1:]
-        if rel not in named and _PART_RE.fullmatch(rel.rsplit("/", 1)[-1]):
+        m = _PART_RE.fullmatch(rel.rsplit("/", 1)[-1])
+        if rel not in named and m and m.group("commit") not in keep_commits:
             _remove_quietly(fs, path)
             done["orphans_removed"].append(rel)
     if done["orphans_removed"]:
         logger.warning("recover: removed %d part files no manifest names", len(done["orphans_removed"]))
 
     if staging_grace_s is not None:
-        now = datetime.now(UTC).timestamp()
+        own = version_tag(model_digest) if model_digest is not None else None
+        fs.invalidate_cache()
         try:
             entries = fs.ls(f"{root}/{STAGING_DIR}", detail=True)
         except FileNotFoundError:
@@ -465,11 +499,48 @@ def recover(output: str, *, staging_grace_s: float | None = STAGING_GRACE_S) -> 
             if entry.get("type") != "directory":
                 continue  # not ours: `_staging/` holds one folder per run or wave
             d = entry["name"].rstrip("/")
-            if staging_grace_s > 0:  # a run may still be writing there: only folders quiet for the grace period
+            rel = d[len(root) + 1:]
+            if rel in keep_staging:
+                continue
+            tag = TAGGED_RE.fullmatch(rel.rsplit("/", 1)[-1])
+            grace = staging_grace_s if own is None or (tag and tag.group(1) == own) else \
+                max(staging_grace_s, others_grace_s)
+            if grace > 0:  # a run may still be writing there: only folders quiet for the grace period
                 times = [t for t in (_mtime(i) for i in fs.ls(d, detail=True)) if t is not None]
-                if not times or now - max(times) < staging_grace_s:
+                if not times or now - max(times) < grace:
                     continue
             _remove_quietly(fs, d, recursive=True)
-            done["staging_removed"].append(d[len(root) + 1:])
+            done["staging_removed"].append(rel)
     return done
+
+
+def _older_than(info: dict[str, Any], now: float, seconds: float) -> bool:
+    t = _mtime(info)
+    return t is not None and now - t >= seconds
+
+
+def _recover_intent(fs: fsspec.AbstractFileSystem, root: str, path: str, commit_id: str, moves: list[list[str]],
+                    manifest: dict[str, Any], staging_dirs: set[str]) -> str:
+    """Finish or undo the commit of one intent; returns what was done ('completed', 'rolled_forward', ...)."""
+    mpath = f"{root}/{manifest_path(commit_id)}"
+    if _exists(fs, mpath):  # crashed after the commit point: only the clean-up was left
+        _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs)
+        return "completed"
+    present = [_exists(fs, f"{root}/{rel}") or _exists(fs, f"{root}/{dest}") for rel, dest in moves]
+    if all(present):
+        _apply_moves(fs, root, moves)
+        try:
+            _write_manifest(fs, mpath, to_json(manifest))
+        except CommitError:  # its writer (or another recover) got there first: the same manifest
+            _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs)
+            return "completed"
+        _finish_commit(fs, root, commit_id, [rel for rel, _ in moves], staging_dirs)
+        logger.warning("recover: finished commit %s left by a stopped driver (%d files)", commit_id, len(moves))
+        return "rolled_forward"
+    for _, dest in moves:
+        _remove_quietly(fs, f"{root}/{dest}")
+    _remove_quietly(fs, path)
+    logger.warning("recover: rolled back commit %s: %d of its staged files are gone; its shards stay pending",
+                   commit_id, present.count(False))
+    return "rolled_back"
 

@@ -135,7 +135,7 @@ class JobConfig:
     wave_shards: int = 0  # commit every N shards (0: one commit for the whole run)
     dt: str = ""  # date partition YYYY-MM-DD (default: today, UTC)
     run_id: str = ""  # default: generated from time + random suffix
-    lease: bool = False  # hold OUTPUT/_lease/ while running so only one such job writes at a time (nightly: on)
+    lease: bool = True  # one job per model version writes OUTPUT at a time (--no-lease: UNSAFE, may label twice)
     lease_ttl_s: float = 900.0  # lease expiry in seconds; renewed by a heartbeat and before every commit
     ray_address: str = ""  # default: RAY_ADDRESS or an in-process local Ray
     num_cpus: int = 0  # local Ray only: CPUs to give it (0: all)

@@ -31,6 +31,8 @@ MANIFEST_VERSION = 1
 PARTITION_COLUMNS = ("model", "dt")
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,120}")
 DT_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+TAGGED_RE = re.compile(r".+\.(v[0-9a-f]{16})")  # a staging folder named by staging_name
 
 
 def fs_root(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -48,6 +50,20 @@ def check_name(what: str, value: str, pattern: re.Pattern[str] = NAME_RE) -> Non
 def staging_prefix(staging_id: str) -> str:
     """Staging folder of a run (or of one wave of a run), relative to OUTPUT."""
     return f"{STAGING_DIR}/{staging_id}"
+
+
+def staging_name(commit_id: str, model_digest: str) -> str:
+    """Staging id of a commit: `<commit_id>.v<first 16 hex digits of the model digest>`. The version in the name
+    lets `recover` tell its own version's folders (a dead run's: deleted at once under the lease) from those of
+    another version's writer, which may be live."""
+    return f"{commit_id}.{version_tag(model_digest)}"
+
+
+def version_tag(model_digest: str) -> str:
+    m = DIGEST_RE.fullmatch(model_digest)
+    if m is None:
+        raise ValueError(f"model_digest: expected sha256:<64 hex digits>, got {model_digest!r}")
+    return f"v{m.group(1)[:16]}"
 
 
 def partition_prefix(model_name: str, dt: str) -> str:

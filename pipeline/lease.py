@@ -1,11 +1,15 @@
-"""One writer at a time per output table: a lease with an expiry, moved only by create-only puts.
+"""One writer at a time per output table and model version: a lease with an expiry, moved only by create-only puts.
 
     OUTPUT/_lease/<name>/<generation:012d>.json      the highest generation is the lease's current state
+
+The plan names a lease after the model version it labels with (`version_lease`: `_lease/sha256-<hex>/`), so two
+jobs of one model version on one output never run at once, while jobs of different versions (whose rows never
+overlap: exactly once is per model digest) may.
 
 Each generation is {state: held|released, token, owner: {host, pid, run_id, ...}, acquired_at, renewed_at,
 expires_at, ttl_s}. Every change (acquire, take over, renew, release) writes the NEXT generation with a
 create-only put (local disk: os.link of a finished temp file; S3: one PUT with If-None-Match: *, the same
-mechanism as the manifest commit in `sink`), so of two processes racing for the same change exactly one
+mechanism as the manifest commit in `commit`), so of two processes racing for the same change exactly one
 wins. Why generations rather than one `nightly.json` taken over by delete + create: with one object, two
 processes that both saw it expired can both succeed (A deletes, A creates, B deletes A's, B creates);
 here the loser's put fails, and a holder whose lease expired and was taken over finds out on its next
@@ -44,6 +48,22 @@ log = logging.getLogger(__name__)
 LEASE_DIR = "_lease"
 _GEN_RE = re.compile(r"(\d{12})\.json")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,80}")
+_DIGEST_RE = re.compile(r"(sha256):([0-9a-f]{64})")
+
+
+def version_lease(model_digest: str) -> str:
+    """The lease of one model version on an output: `sha256:<hex>` -> `sha256-<hex>` (a folder name)."""
+    m = _DIGEST_RE.fullmatch(model_digest)
+    if m is None:
+        raise ValueError(f"model_digest: expected sha256:<64 hex digits>, got {model_digest!r}")
+    return f"{m.group(1)}-{m.group(2)}"
+
+
+def _job_title(name: str) -> str:
+    """How messages name a lease's jobs: 'job of model version sha256:<16 hex>' for version leases, else
+    '<name> job' ('nightly job')."""
+    m = re.fullmatch(r"(sha256)-([0-9a-f]{64})", name)
+    return f"job of model version {m.group(1)}:{m.group(2)[:16]}" if m else f"{name} job"
 
 
 class LeaseHeld(RuntimeError):
@@ -52,8 +72,8 @@ class LeaseHeld(RuntimeError):
     def __init__(self, output: str, name: str, holder: dict[str, Any]) -> None:
         o = holder.get("owner", {})
         super().__init__(
-            f"another {name} job holds the lease on {output} until {holder.get('expires_at')} "
-            f"(owner host={o.get('host')} pid={o.get('pid')} run_id={o.get('run_id') or '-'}); "
+            f"another {_job_title(name)} holds the lease on {output} until {holder.get('expires_at')} "
+            f"(holder host={o.get('host')} pid={o.get('pid')} run_id={o.get('run_id') or '-'}); "
             f"it is taken over once it expires or its process is gone")
         self.holder = holder
 

@@ -32,7 +32,7 @@ from pipeline import ray_noise
 from pipeline.commit import STAGING_GRACE_S, recover
 from pipeline.config import JobConfig, redact
 from pipeline.layout import committed_shards
-from pipeline.lease import Lease
+from pipeline.lease import Lease, version_lease
 from pipeline.preprocess import preprocess_batch
 from pipeline.schema import image_row, marker_row, read_batch
 from pipeline.sources import Shard, ShardError, iter_examples, iter_shard, list_shards
@@ -40,7 +40,6 @@ from pipeline.waves import WaveCommitter
 
 log = logging.getLogger(__name__)
 
-LEASE_NAME = "nightly"  # OUTPUT/_lease/nightly/: shared by every leased job (nightly, run --lease)
 # A worker that dies (OOM, segfault in a decoder) is retried a few times, then the job fails with
 # Ray's error instead of retrying forever. Distinct remote args also keep Ray from fusing the CPU
 # stages into the GPU actor: preprocessing must scale on its own CPUs.
@@ -412,15 +411,18 @@ def _bound_inflight(ctx: Any, cfg: JobConfig, contract: Any, gpus_per_actor: flo
 def run(cfg: JobConfig) -> RunSummary:
     """Label every pending shard of `cfg.input` into `cfg.output`, committing wave by wave.
 
-    With `cfg.lease` (nightly), holds OUTPUT/_lease/nightly for the whole run: raises LeaseHeld if another
-    live job holds it, LeaseLost (before committing) if it expired and was taken over mid-run.
+    With `cfg.lease` (the default), holds OUTPUT/_lease/<model version>/ for the whole run: raises LeaseHeld if
+    another live job of the same model version holds it, LeaseLost (before committing) if it expired and was
+    taken over mid-run. Jobs of other model versions may write the same output meanwhile.
     """
     t0 = time.perf_counter()
     cfg, model = resolve(cfg)
     if not cfg.lease:
         return _run_waves(cfg, model, t0, None)
-    # One leased writer per output: taken before listing pending shards, renewed before every commit.
-    with Lease.acquire(cfg.output, name=LEASE_NAME, run_id=cfg.run_id, ttl_s=cfg.lease_ttl_s) as lease:
+    # One leased writer per output and model version: taken before listing pending shards, renewed before
+    # every commit.
+    with Lease.acquire(cfg.output, name=version_lease(model.digest), run_id=cfg.run_id,
+                       ttl_s=cfg.lease_ttl_s) as lease:
         return _run_waves(cfg, model, t0, lease)
 
 
@@ -428,9 +430,10 @@ def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None)
     import ray
     from ray.data import DataContext
 
-    # Finish or undo a commit a killed driver left half done, before deciding what is pending. Only the
-    # lease holder may also sweep fresh staging folders (without a lease another run may still be writing).
-    recover(cfg.output, staging_grace_s=0.0 if lease is not None else STAGING_GRACE_S)
+    # Finish or undo a commit a killed driver of this model version left half done, before deciding what is
+    # pending. Only the lease holder may also sweep this version's fresh staging folders (without a lease
+    # another run may still be writing); other versions' writers may be running: recover leaves theirs alone.
+    recover(cfg.output, model_digest=model.digest, staging_grace_s=0.0 if lease is not None else STAGING_GRACE_S)
     shards, pending = plan_shards(cfg, model.digest)
     summary = RunSummary(run_id=cfg.run_id, output=cfg.output, model=cfg.model_name, model_digest=model.digest,
                          dt=cfg.dt, shards_total=len(shards), shards_skipped=len(shards) - len(pending))

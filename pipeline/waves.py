@@ -7,7 +7,7 @@ prediction rows plus one marker row per shard, never the model inputs) streams t
   tasks and an actor pool the blocks of one shard reach the driver in any order, so the marker may come first
   (rows == images is checked again by the commit);
 - adds complete shards, in the order they complete, to the current wave, and stages the wave's rows as
-  Parquet files under `_staging/<commit id>/` as they accumulate (memory stays bounded);
+  Parquet files under `_staging/<commit id>.v<version>/` as they accumulate (memory stays bounded);
 - commits the wave (write-ahead intent, moves, manifest last: `commit.commit`) as soon as it holds
   `wave_shards` complete shards, while later shards keep flowing through the same actors.
 
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.commit import commit
+from pipeline.layout import staging_name
 from pipeline.schema import MARKER_COLUMN, is_marker
 from pipeline.staging import write_staging
 
@@ -62,6 +63,11 @@ class WaveCommitter:
     def commit_id(self) -> str:
         k = len(self.manifests)
         return self.run_id if self.n_waves == 1 else f"{self.run_id}-w{k:04d}"
+
+    @property
+    def staging_id(self) -> str:
+        """`_staging/<commit id>.v<model version>/`: `commit.recover` of another version's writer leaves it alone."""
+        return staging_name(self.commit_id, self.model_digest)
 
     @property
     def wave_label(self) -> str:
@@ -107,7 +113,7 @@ class WaveCommitter:
         if self.unstaged:
             self.results.append(write_staging(self.unstaged, output=self.output, run_id=self.run_id,
                                               model_digest=self.model_digest, embeddings=self.embeddings,
-                                              staging_id=self.commit_id))
+                                              staging_id=self.staging_id))
         self.unstaged, self.unstaged_rows = [], 0
 
     def _commit(self) -> None:
@@ -120,7 +126,7 @@ class WaveCommitter:
         manifest = commit(
             output=self.output, run_id=self.run_id, commit_id=self.commit_id, model_name=self.model_name,
             model_digest=self.model_digest, dt=self.dt, results=self.results, expected_shards=self.wave,
-            config=self.config, staging_id=self.commit_id,
+            config=self.config, staging_id=self.staging_id,
             stats={**self.stats, "seconds": round(seconds, 3), "wave": k, "waves": self.n_waves,
                    "images_per_s": round(images / seconds, 2) if seconds else 0.0},
         )

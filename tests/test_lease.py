@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import fsspec
 import pytest
 
-from pipeline.lease import Lease, LeaseHeld, LeaseLost, current, lease_dir, owner_dead, owner_identity
+from pipeline.lease import Lease, LeaseHeld, LeaseLost, current, lease_dir, owner_dead, owner_identity, version_lease
 
 
 def _write_generation(output: str, gen: int, data: dict) -> None:
@@ -110,3 +110,22 @@ def test_heartbeat_keeps_a_short_lease_alive(tmp_path):
         with pytest.raises(LeaseHeld):
             Lease.acquire(output, ttl_s=60, heartbeat=False)
     assert not current(output).held
+
+
+def test_one_lease_per_model_version(output):
+    """Jobs of one version exclude each other and the refusal names the holder; another version is not held up."""
+    one, two = "sha256:" + "1f" * 32, "sha256:" + "2e" * 32
+    assert version_lease(one) == "sha256-" + "1f" * 32
+    with pytest.raises(ValueError, match="expected sha256:<64 hex digits>, got 'sha256:xyz'"):
+        version_lease("sha256:xyz")
+    first = Lease.acquire(output, name=version_lease(one), run_id="first", ttl_s=60, heartbeat=False)
+    with pytest.raises(LeaseHeld) as e:
+        Lease.acquire(output, name=version_lease(one), run_id="second", ttl_s=60, heartbeat=False)
+    owner = first.owner
+    assert str(e.value).startswith(
+        f"another job of model version sha256:{'1f' * 8} holds the lease on {output} until {first.expires_at} "
+        f"(holder host={owner['host']} pid={owner['pid']} run_id=first)")
+    other = Lease.acquire(output, name=version_lease(two), run_id="other", ttl_s=60, heartbeat=False)
+    assert current(output, version_lease(two)).data["owner"]["run_id"] == "other"
+    other.release()
+    first.release()

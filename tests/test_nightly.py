@@ -21,7 +21,7 @@ from _digits import png_bytes
 from _procs import end_session
 
 from jobs.cli import main
-from pipeline.lease import Lease, current
+from pipeline.lease import Lease, current, version_lease
 from pipeline.sources import write_webdataset
 from pipeline.table import list_manifests, read_table
 
@@ -93,18 +93,20 @@ def test_nightly_three_days_with_a_crash(ray_local, s3, days, capsys):
         end_session(proc.pid, grace_s=0)  # Ray workers sit in process groups of their own
     crashed = list_manifests(OUTPUT)
     assert 1 <= len(crashed) < 4, [m["commit_id"] for m in crashed]
-    lease = current(OUTPUT)
+    name = version_lease(crashed[0]["model_digest"])  # the lease of this model version on OUTPUT
+    lease = current(OUTPUT, name)
     assert lease.held and lease.data["owner"]["pid"] == proc.pid  # left behind, unexpired, owner dead
     first_runs = _image_runs()
     assert set(first_runs.values()) == {"crashed"}
 
     # While another live process holds the lease, a nightly refuses to start (exit 3, clear message).
-    with Lease.acquire(OUTPUT, run_id="someone-else", ttl_s=60, heartbeat=False):
+    with Lease.acquire(OUTPUT, name=name, run_id="someone-else", ttl_s=60, heartbeat=False):
         pass  # takes over the dead process's lease (same host, pid gone) ...
-    holder = Lease.acquire(OUTPUT, run_id="someone-else", ttl_s=60, heartbeat=False)
+    holder = Lease.acquire(OUTPUT, name=name, run_id="someone-else", ttl_s=60, heartbeat=False)
     try:
         code, _, err = _nightly(capsys, "--dt", "2026-01-02")
-        assert code == 3 and "another nightly job holds the lease" in err and "until" in err
+        assert code == 3 and "another job of model version sha256:" in err and "holds the lease" in err
+        assert f"until {current(OUTPUT, name).data['expires_at']}" in err and "run_id=someone-else" in err
     finally:
         holder.release()
 
@@ -132,7 +134,7 @@ def test_nightly_three_days_with_a_crash(ray_local, s3, days, capsys):
     table = read_table(OUTPUT, columns=["image_id", "dt", "status"]).to_pylist()
     assert {r["dt"] for r in table} == {"2026-01-01", "2026-01-02", "2026-01-03"}
     assert sum(r["status"] == "error" for r in table) == 1
-    assert not current(OUTPUT).held  # released at the end of every run
+    assert not current(OUTPUT, name).held  # released at the end of every run
 
 
 def test_nightly_dry_run_shows_pending_and_lease(ray_local, s3, days, capsys):

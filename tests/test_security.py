@@ -23,6 +23,7 @@ from _digits import held_out_pngs
 from _procs import end_session
 
 from pipeline.config import JobConfig, redact
+from pipeline.lease import version_lease
 from pipeline.plan import run
 from pipeline.sources import write_image_parquet, write_webdataset
 from pipeline.table import list_manifests, read_table
@@ -120,7 +121,7 @@ ADVERSARIAL = ["../../../../tmp/vitlabel-escape", "/tmp/vitlabel-absolute", "..\
 
 def test_adversarial_keys_write_nothing_outside_output(ray_local, tmp_path, pngs):
     """Keys go into rows and hashes only: whatever they say, every file the run writes is under OUTPUT, named
-    by the run (part-<commit>-<n>.parquet, <commit>.json), never by a key."""
+    by the run (part-<commit>-<n>.parquet, <commit>.json) or its model version (its lease), never by a key."""
     inp, out = tmp_path / "in", tmp_path / "out"
     write_image_parquet(str(inp / "keys.parquet"), list(zip(ADVERSARIAL, pngs, strict=False)))
     write_webdataset(str(inp / "members.tar"), [(k, {"png": p}) for k, p in zip(ADVERSARIAL[:2], pngs, strict=False)])
@@ -142,7 +143,8 @@ def test_adversarial_keys_write_nothing_outside_output(ray_local, tmp_path, pngs
     for p in out.rglob("*"):
         if p.is_file():
             rel = p.relative_to(out).as_posix()
-            assert rel.startswith("_manifests/") or (rel.startswith("model=") and p.name.startswith("part-")), rel
+            assert rel.startswith(("_manifests/", f"_lease/{version_lease(summary.model_digest)}/")) or (
+                rel.startswith("model=") and p.name.startswith("part-")), rel
 
 
 # --------------------------------------------------------------------------------------- Ray token auth
