@@ -132,7 +132,7 @@ class WaveCommitter:
         )
         self.manifests.append(manifest)
         counts = manifest["counts"]
-        log.info("committed %s (wave %d/%d): %d shards, %d images (%d ok, %d errors) in %.1fs", self.commit_id,
+        log.info("committed %s (wave %d/%d): %d shards, %d images (%d ok, %d errors) in %.1fs", manifest["commit_id"],
                  k + 1, self.n_waves, len(self.wave), counts["images"], counts["ok"], counts["error"], seconds)
         self.wave, self.results = [], []
         self._wave_started = time.perf_counter()
