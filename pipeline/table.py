@@ -34,7 +34,12 @@ _MANIFEST_FILTERS = ("model", "model_digest", "dt", "run_id", "commit_id")
 
 
 def _fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(output)
+    """The filesystem readers use: for object stores, one without a listings cache. Readers want fresh listings
+    (commits happen in other processes), and a cache that one thread clears while another lists through it
+    fails that listing (s3fs checks `path in dircache`, then reads `dircache[path]`: a KeyError in between)."""
+    protocol, _ = fsspec.core.split_protocol(output)
+    options = {} if protocol in (None, "file", "local") else {"use_listings_cache": False}
+    fs, root = fsspec.core.url_to_fs(output, **options)
     return fs, root.rstrip("/")
 
 

@@ -16,11 +16,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -29,8 +26,6 @@ from _procs import end_session
 from test_faults import assert_exactly_once, cfg, write_shards
 
 from jobs.bench.memory import MemorySampler
-from jobs.cli import build_parser
-from jobs.query import run_query
 from pipeline.plan import run
 from pipeline.table import list_manifests, read_table
 
@@ -49,90 +44,75 @@ def _child_env(**extra: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------------- readers see whole commits
 
 PER_SOURCE_SQL = "SELECT source, count(*) AS n, count(DISTINCT image_id) AS d FROM predictions GROUP BY source"
+READ_PAUSE_S = 0.2  # a poller, not a load test: on 2 cores, 8 readers with no pause starve the nightly
 
+# One reader: a process of its own (8 readers are 8 users' processes), reading until the stop file exists and
+# printing one JSON line per read: rows per source shard, rows minus distinct ids, the ids (read_table only),
+# or the error a read raised (a reader must never fail).
+READER = """
+import contextlib, io, json, os, sys, time, traceback
+from collections import Counter
+kind, output, stop, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+from jobs.cli import main
+from pipeline.table import read_table
 
-@dataclass
-class Read:
-    reader: str
-    rows: dict[str, int]  # rows per source shard
-    duplicates: int  # rows minus distinct image ids
-    ids: set[str] = field(default_factory=set)  # read_table readers only
-
-
-def _query_read(output: str) -> Read:
-    """`vitlabel query OUTPUT SQL --format json`, in this process (the CLI's own parser and `run_query`)."""
-    args = build_parser().parse_args(["query", output, PER_SOURCE_SQL, "--format", "json"])
-    buf = StringIO()
-    assert run_query(args, buf) == 0
+def query():  # `vitlabel query OUTPUT SQL --format json`: the CLI's own entry point
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["query", output, sys.argv[5], "--format", "json"]) == 0
     rows = json.loads(buf.getvalue())
-    return Read("query", {r["source"]: r["n"] for r in rows}, sum(r["n"] - r["d"] for r in rows))
+    return {"rows": {r["source"]: r["n"] for r in rows}, "duplicates": sum(r["n"] - r["d"] for r in rows)}
 
-
-def _cli_read(output: str) -> Read:
-    """`vitlabel query` as a user runs it: a process of its own."""
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "query", output, PER_SOURCE_SQL, "--format", "json"],
-                         cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout)
-    return Read("cli", {r["source"]: r["n"] for r in rows}, sum(r["n"] - r["d"] for r in rows))
-
-
-def _table_read(output: str) -> Read:
+def table():
     t = read_table(output, columns=["image_id", "source"])
     ids = t.column("image_id").to_pylist()
-    return Read("read_table", dict(Counter(t.column("source").to_pylist())), len(ids) - len(set(ids)), set(ids))
+    return {"rows": dict(Counter(t.column("source").to_pylist())), "duplicates": len(ids) - len(set(ids)),
+            "ids": ids}
 
-
-class Reader(threading.Thread):
-    """Reads the table in a loop until told to stop, PAUSE_S apart (a poller, not a load test: on 2 cores, 8
-    readers with no pause starve the nightly); keeps every read, and any exception a read raised."""
-
-    PAUSE_S = 0.2
-
-    def __init__(self, read, output: str, stop: threading.Event):
-        super().__init__(daemon=True)
-        self.read, self.output, self.stop = read, output, stop
-        self.reads: list[Read] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.reads.append(self.read(self.output))
-            except Exception as e:  # noqa: BLE001 - a reader must never fail: the test reports what it saw
-                self.errors.append(f"{type(e).__name__}: {e}"[:500])
-            self.stop.wait(self.PAUSE_S)
+read = query if kind == "query" else table
+while not os.path.exists(stop):
+    try:
+        out = read()
+    except Exception:
+        out = {"error": traceback.format_exc()[-3000:]}
+    print(json.dumps(out), flush=True)
+    time.sleep(pause)
+"""
 
 
 @pytest.mark.slow
-def test_readers_see_only_whole_commits(ray_local, s3, pngs):
-    """8 readers (3 `run_query` in this process, 1 `vitlabel query` subprocess loop, 4 `read_table`) poll the
-    table while a nightly (a driver process of its own, on the session's Ray) commits 10 waves of one shard.
-    Every read is the rows of the first k committed manifests (in commit order) for some k: shards of distinct
-    sizes, so a read that held part of a commit, or a later commit without an earlier one, cannot match."""
+def test_readers_see_only_whole_commits(ray_local, s3, pngs, tmp_path):
+    """8 readers (4 `vitlabel query`, 4 `read_table`, each a process of its own) poll the table while a nightly
+    (a driver process of its own, on the session's Ray) commits 10 waves of one shard. Every read is the rows of
+    the first k committed manifests (in commit order) for some k: shards of distinct sizes, so a read that held
+    part of a commit, or a later commit without an earlier one, cannot match."""
     inp, out = "s3://test-bucket/in/", "s3://test-bucket/out"
     ids = write_shards(inp, pngs, shards=10, per=[12 + 5 * n for n in range(10)])  # a size of its own per shard
-    stop = threading.Event()
-    readers = [Reader(fn, out, stop) for fn in [_query_read] * 3 + [_cli_read] + [_table_read] * 4]
+    stop = tmp_path / "stop"
+    readers = [subprocess.Popen([sys.executable, "-c", READER, kind, out, str(stop), str(READ_PAUSE_S),
+                                 PER_SOURCE_SQL], cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+               for kind in ["query"] * 4 + ["table"] * 4]
     cmd = [sys.executable, "-m", "jobs.cli", "-q", "nightly", "--input", inp, "--output", out, "--model",
            "builtin:digits", "--wave-shards", "1", "--batch-size", "16", "--preprocess-batch-size", "16"]
     env = _child_env(RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     t0 = time.monotonic()
-    for r in readers:
-        r.start()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    outputs = []
     try:
         stdout, stderr = proc.communicate(timeout=300)
+        stop.touch()
+        outputs = [r.communicate(timeout=120) for r in readers]
     finally:
-        stop.set()
-        end_session(proc.pid, grace_s=1)
-    for r in readers:
-        r.join(timeout=120)
+        stop.touch()
+        for p in [proc, *readers]:
+            end_session(p.pid, grace_s=1)
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, stderr[-3000:]
     nightly = json.loads(stdout)
     assert nightly["images"] == len(ids)
+    assert all(r.returncode == 0 for r in readers), [err[-2000:] for _, err in outputs]
 
     manifests = list_manifests(out)  # oldest first
     assert len(manifests) == 10 and all(len(m["shards"]) == 1 for m in manifests)
@@ -142,20 +122,21 @@ def test_readers_see_only_whole_commits(ray_local, s3, pngs):
     final = read_table(out, columns=["image_id"]).column("image_id").to_pylist()
     assert len(final) == len(set(final)) and set(final) == ids
 
-    reads = [read for r in readers for read in r.reads]
-    assert not [e for r in readers for e in r.errors], [e for r in readers for e in r.errors][:5]
-    seen = Counter()
-    for read in reads:
-        assert read.duplicates == 0, f"{read.reader}: a row twice"
-        assert read.rows in prefixes, f"{read.reader}: expected the rows of a prefix of the commits, got {read.rows}"
-        assert read.ids <= ids
-        seen[prefixes.index(read.rows)] += 1
-    by_reader = Counter(read.reader for read in reads)
-    print(f"\nreaders: {len(reads)} reads in {seconds:.1f} s, the nightly's run {nightly['seconds']:.1f} s "
-          f"({dict(by_reader)}); reads per number of commits "
-          f"seen: {dict(sorted(seen.items()))}; {len(ids)} images checked, 0 lost, 0 duplicated")
-    assert all(len(r.reads) >= 2 for r in readers), [len(r.reads) for r in readers]
-    assert len(reads) >= 40
+    per_reader = [[json.loads(line) for line in o.splitlines() if line.startswith("{")] for o, _ in outputs]
+    errors = [read["error"] for reads in per_reader for read in reads if "error" in read]
+    assert not errors, f"{len(errors)} reads failed; the first:\n{errors[0]}"
+    seen: Counter[int] = Counter()
+    for reads in per_reader:
+        for read in reads:
+            assert read["duplicates"] == 0, "a row twice"
+            assert read["rows"] in prefixes, f"expected the rows of a prefix of the commits, got {read['rows']}"
+            assert set(read.get("ids", ())) <= ids
+            seen[prefixes.index(read["rows"])] += 1
+    n_reads = [len(reads) for reads in per_reader]
+    print(f"\nreaders: {sum(n_reads)} reads in {seconds:.1f} s, the nightly's run {nightly['seconds']:.1f} s "
+          f"(per reader: {n_reads}, 4 query then 4 read_table); reads per number of commits seen: "
+          f"{dict(sorted(seen.items()))}; {len(ids)} images checked, 0 lost, 0 duplicated")
+    assert min(n_reads) >= 2 and sum(n_reads) >= 40, n_reads
     assert sum(1 for k in seen if 0 < k < len(manifests)) >= 3, seen  # the readers did see the table grow
 
 
@@ -193,6 +174,28 @@ def test_s3_faults_at_scale(ray_local, s3_faults, pngs):
     assert len(shards) == 50 and sum(len(m["shards"]) for m in manifests) == 50
     short = {src: s for src, s in shards.items() if s["done"] and s["rows"] != s["images"]}
     assert not short, short
+
+
+def test_reset_mid_body_is_what_the_client_sees(s3_faults):
+    """The fault itself, seen by boto3 with its retries off: a GET answers 200 with the full Content-Length and
+    breaks off in the body; a PUT that is reset stored its object, though the client got no answer."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    client = boto3.client("s3", config=botocore.config.Config(retries={"total_max_attempts": 1}))
+    body = bytes(range(256)) * 64
+    client.put_object(Bucket="test-bucket", Key="blob", Body=body)
+    s3_faults.add(r"^/test-bucket/blob$", methods=("GET",), drop=True)
+    got = client.get_object(Bucket="test-bucket", Key="blob")
+    assert got["ContentLength"] == len(body)
+    with pytest.raises((botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError)):
+        got["Body"].read()
+    s3_faults.add(r"^/test-bucket/landed$", methods=("PUT",), drop=True)
+    with pytest.raises(botocore.exceptions.ConnectionClosedError):
+        client.put_object(Bucket="test-bucket", Key="landed", Body=b"stored")
+    assert client.get_object(Bucket="test-bucket", Key="landed")["Body"].read() == b"stored"
+    assert s3_faults.injected() == {"GET reset mid-body": 1, "PUT reset mid-body": 1}
 
 
 def test_put_that_landed_but_whose_answer_was_lost(ray_local, s3_faults, pngs):
