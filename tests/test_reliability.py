@@ -44,7 +44,7 @@ def _child_env(**extra: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------------- readers see whole commits
 
 PER_SOURCE_SQL = "SELECT source, count(*) AS n, count(DISTINCT image_id) AS d FROM predictions GROUP BY source"
-READ_PAUSE_S = 0.2  # a poller, not a load test: on 2 cores, 8 readers with no pause starve the nightly
+READ_PAUSE_S = 0.5  # a poller, not a load test (with no pause, 8 readers on 2 cores starve the nightly)
 
 # One reader: a process of its own (8 readers are 8 users' processes), reading until the stop file exists and
 # printing one JSON line per read: rows per source shard, rows minus distinct ids, the ids (read_table only),
