@@ -200,8 +200,9 @@ def test_reset_mid_body_is_what_the_client_sees(s3_faults):
 
 def test_put_that_landed_but_whose_answer_was_lost(ray_local, s3_faults, pngs):
     """The manifest PUT and a lease PUT land, then their connections reset: botocore sends them again, and S3
-    refuses the create-only retry as existing. The writer reads the object back and finds its own bytes: the
-    commit (and the lease) stand, the run succeeds."""
+    refuses the create-only retry as existing. `create_only` reads the object back and finds its own bytes (the
+    lease also compares its token): the commit and the lease stand, the run succeeds. Before that fix the run
+    failed with "manifest ... already exists: commit already done", its commit in place."""
     ids = write_shards("s3://test-bucket/in", pngs, shards=2, per=10)
     rules = [s3_faults.add(r"^/test-bucket/out/_manifests/", methods=("PUT",), drop=True),
              s3_faults.add(r"^/test-bucket/out/_lease/", methods=("PUT",), drop=True)]
