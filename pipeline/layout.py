@@ -36,8 +36,15 @@ TAGGED_RE = re.compile(r".+\.(v[0-9a-f]{16})")  # a staging folder named by stag
 
 
 def fs_root(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and root path (protocol stripped) for a local path or URL; creds from the env."""
-    fs, root = fsspec.core.url_to_fs(output)
+    """fsspec filesystem and root path (protocol stripped) for a local path or URL; creds from the env.
+
+    For object stores, a filesystem without a listings cache. Writers and readers want fresh listings (commits
+    happen in other processes), and a cache that one thread clears while another lists through it fails that
+    listing: s3fs checks `path in dircache`, then reads `dircache[path]`, a KeyError in between (seen with
+    concurrent readers; the driver's lease heartbeat thread shares the committing thread's filesystem too)."""
+    protocol, _ = fsspec.core.split_protocol(output)
+    options = {} if protocol in (None, "file", "local") else {"use_listings_cache": False}
+    fs, root = fsspec.core.url_to_fs(output, **options)
     return fs, root.rstrip("/")
 
 

@@ -22,7 +22,7 @@ output should keep their clocks in sync (NTP); the TTL must exceed the longest p
 (a heartbeat renews every ttl/3, the plan renews before every commit). Older generations are deleted
 best effort; the latest is never deleted, so generation numbers only grow.
 
-A stage-level helper: imports fsspec only, never ray or another stage.
+A stage-level helper: imports fsspec and `layout` (paths) only, never ray or another stage.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import Any
 
 import fsspec
 
+from pipeline.layout import fs_root
 from pipeline.storage import create_only
 
 log = logging.getLogger(__name__)
@@ -151,11 +152,6 @@ def owner_dead(owner: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------- storage
 
 
-def _fs(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(output)
-    return fs, root.rstrip("/")
-
-
 def lease_dir(name: str) -> str:
     """Folder of a lease's generations, relative to OUTPUT."""
     return f"{LEASE_DIR}/{name}"
@@ -208,7 +204,7 @@ class LeaseState:
 
 def current(output: str, name: str = "nightly") -> LeaseState | None:
     """The latest generation of a lease, or None if it was never taken."""
-    fs, root = _fs(output)
+    fs, root = fs_root(output)
     folder = f"{root}/{lease_dir(name)}"
     for _ in range(5):  # the latest can be superseded and cleaned between listing and reading: list again
         gens = _generations(fs, folder)
@@ -232,7 +228,7 @@ class Lease:
         self.token, self.owner, self.ttl_s = token, owner, float(ttl_s)
         self.generation, self.acquired_at = generation, acquired_at
         self.expires_at = ""
-        self._fs, root = _fs(output)
+        self._fs, root = fs_root(output)
         self._folder = f"{root}/{lease_dir(name)}"
         self._lock = threading.Lock()
         self._lost: LeaseLost | None = None

@@ -19,7 +19,8 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Write `path` only if it does not exist yet: True if this call created it, False if it existed.
 
     Local: write a temp file, then os.link it into place (atomic and exclusive; readers never see a
-    partial file). S3 (s3fs): one PUT with If-None-Match: *. Backends without conditional writes fall
+    partial file). S3 (s3fs): one PUT with If-None-Match: *; refused as existing, the object is read back: if
+    it holds exactly `data`, the write was this call's own (see `_holds`). Backends without conditional writes fall
     back to check-then-put, which is not race-free (logged).
     """
     parent = path.rsplit("/", 1)[0]
@@ -48,10 +49,23 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
         fs.pipe_file(path, data, mode="create")
         return True
     except FileExistsError:
-        return False
+        return _holds(fs, path, data)
     except (TypeError, NotImplementedError):
         log.warning("conditional write not supported by %s; %s uses check-then-put", type(fs).__name__, path)
         if fs.exists(path):
             return False
         fs.pipe_file(path, data)
         return True
+
+
+def _holds(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """True if the object at `path` holds exactly `data`.
+
+    A PUT whose answer was lost (the connection reset after the store took the object) is sent again by
+    botocore, and that retry is refused as existing: without this check, a write that landed would be reported
+    as another writer's. Every create-only write here (a manifest, a lease generation) carries its writer's
+    ids and a timestamp, so another writer's object never holds the same bytes."""
+    try:
+        return fs.cat_file(path) == data
+    except FileNotFoundError:
+        return False

@@ -82,8 +82,8 @@ def dataset(output: str, **filters: Any) -> ds.Dataset:
     fs, root, manifests, rels = _committed(output, filters)
     afs = _arrow_fs(fs)
     partitioning = ds.partitioning(PARTITION_SCHEMA, flavor="hive")
-    if not rels:
-        return ds.dataset([], schema=PARTITION_SCHEMA, format="parquet", filesystem=afs)
+    if not rels:  # nothing committed yet: no rows, but the table's columns (a read by column names works)
+        return ds.dataset([], schema=_empty_schema(), format="parquet", filesystem=afs)
     # One footer per commit is enough: all files of a commit share its schema.
     firsts = [f"{root}/{m['files'][0]['path']}" for m in manifests if m.get("files")]
     schemas = [pq.read_schema(p, filesystem=afs) for p in firsts]
@@ -96,6 +96,13 @@ def dataset(output: str, **filters: Any) -> ds.Dataset:
         partitioning=partitioning,
         partition_base_dir=root,
     )
+
+
+def _empty_schema() -> pa.Schema:
+    """The columns of a table with no commit yet: the file columns without embeddings, then model and dt."""
+    from pipeline.schema import output_schema
+
+    return pa.unify_schemas([output_schema(embeddings=False), PARTITION_SCHEMA])
 
 
 def read_table(output: str, columns: list[str] | None = None, filter: Any = None, **filters: Any) -> pa.Table:
@@ -179,9 +186,7 @@ def connect(output: str, con: duckdb.DuckDBPyConnection | None = None) -> duckdb
             " hive_types = {'model': VARCHAR, 'dt': VARCHAR})"
         )
     else:
-        from pipeline.schema import output_schema
-
-        schema = pa.unify_schemas([output_schema(embeddings=False), PARTITION_SCHEMA])
+        schema = _empty_schema()
         types = con.from_arrow(schema.empty_table()).types
         cols = ", ".join(f'CAST(NULL AS {t}) AS "{f.name}"' for f, t in zip(schema, types, strict=True))
         con.execute(f"CREATE OR REPLACE TEMP VIEW predictions AS SELECT {cols} WHERE false")

@@ -85,12 +85,14 @@ def pngs() -> tuple[bytes, ...]:
     return held_out_pngs()
 
 
-def write_shards(where: str, pngs: list[bytes], shards: int, per: int) -> set[str]:
-    """`shards` WebDataset shards of `per` digits under `where` (a path or s3:// prefix); returns every image id."""
+def write_shards(where: str, pngs: list[bytes], shards: int, per: int | list[int]) -> set[str]:
+    """`shards` WebDataset shards of `per` digits (or per[n] in shard n) under `where` (a path or s3:// prefix);
+    returns every image id."""
     ids = set()
+    sizes = per if isinstance(per, list) else [per] * shards
     for n in range(shards):
         uri = f"{where.rstrip('/')}/shard-{n:03d}.tar"
-        samples = [(f"s{n}/{i:04d}", {"png": pngs[(n * per + i) % len(pngs)]}) for i in range(per)]
+        samples = [(f"s{n}/{i:04d}", {"png": pngs[(sum(sizes[:n]) + i) % len(pngs)]}) for i in range(sizes[n])]
         write_webdataset(uri, samples)
         full = uri if uri.startswith("s3://") else f"file://{uri}"
         ids.update(make_image_id(full, k) for k, _ in samples)

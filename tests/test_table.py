@@ -13,6 +13,7 @@ import pytest
 from _sinkrows import DIGEST, DT, MODEL, RUN, do_commit, image_rows, list_files, marker, shard
 
 from pipeline import table
+from pipeline.schema import output_schema
 from pipeline.staging import write_staging
 
 A, B, C = "s3://in/a.tar", "s3://in/b.tar", "s3://in/c.tar"
@@ -38,8 +39,9 @@ def populate(output: str) -> None:
 def test_empty_output(tmp_path):
     out = str(tmp_path / "nothing")
     assert table.list_manifests(out) == [] and table.committed_files(out) == []
-    t = table.read_table(out)
-    assert t.num_rows == 0 and t.column_names == ["model", "dt"]
+    t = table.read_table(out)  # no rows, the table's columns: a reader polling a new table reads by name
+    assert t.num_rows == 0 and t.column_names == [*output_schema(embeddings=False).names, "model", "dt"]
+    assert table.read_table(out, columns=["image_id", "source"]).num_rows == 0
 
 
 def test_committed_files_only(output):
