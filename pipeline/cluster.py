@@ -1,18 +1,21 @@
 """What a run knows about the nodes of its Ray cluster: which it started with, which it lost, and the head.
 
 - `NodeWatch`: the nodes alive when the run started; `lost()` names those gone since (dead in the GCS's node
-  table, or no longer in it). Read before each commit and at the end, so each manifest and the run summary
-  say which nodes the run lost while it went on (Ray retried their work on the nodes left).
+  table, or no longer in it), except nodes the autoscaler drained because they were idle. Read before each
+  commit and at the end, so each manifest and the run summary say which nodes the run lost while it went on
+  (Ray retried their work on the nodes left).
 - `HeadWatch`: a thread that probes the head's GCS port. Every task, actor and object of a run goes through the
   GCS, so a run whose head is gone cannot go on. Ray's own driver then waits out its GCS reconnect timeout
-  (`gcs_rpc_server_reconnect_timeout_s`, 60 s by default) and exits from C++, printing nothing useful; the
-  watch instead calls `on_lost` with one line, once the port has refused connections for `grace_s`.
+  (`gcs_rpc_server_reconnect_timeout_s`, 60 s by default) and exits from C++, with a raylet log dump on stdout
+  and a C++ error line (Ray 2.60); the watch instead calls `on_lost` with one line, once the port has refused
+  connections for `grace_s`.
   A GCS restarted with fault tolerance (KubeRay's external Redis) is back within seconds, on the same port;
   give `grace_s` at least that long there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -24,35 +27,54 @@ log = logging.getLogger(__name__)
 
 HEAD_GRACE_S = 10.0  # the head's GCS port refusing connections this long means the head is gone
 _PROBE_S = 0.5
+DRAINED_IDLE = 4  # a node's DeathReason (NodeDeathInfo.AUTOSCALER_DRAIN_IDLE): removed by the autoscaler, idle
 
 
-def alive_nodes() -> dict[str, str]:
-    """{node id: address} of the nodes the GCS lists as alive."""
+def node_table() -> list[dict[str, Any]]:
+    """The GCS's node table (`ray.nodes()`): alive nodes and those that died, with why."""
     import ray
 
-    return {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes() if n.get("Alive")}
+    return ray.nodes()
 
 
 class NodeWatch:
-    """The nodes alive now; `lost()` lists those of them not alive any more, in the order first seen lost."""
+    """The nodes alive now; `lost()` lists those of them gone since, in the order first seen gone. A node the
+    autoscaler removed because it was idle held none of the run's work: not lost."""
 
-    def __init__(self, nodes: Callable[[], dict[str, str]] = alive_nodes):
+    def __init__(self, nodes: Callable[[], list[dict[str, Any]]] = node_table):
         self._nodes = nodes
-        self.start = nodes()
+        self.start = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in nodes() if n.get("Alive")}
         self._lost: list[str] = []
 
     def lost(self) -> list[str]:
         try:
-            alive = self._nodes()
+            table = {n["NodeID"]: n for n in self._nodes()}
         except Exception as e:  # noqa: BLE001 - the GCS did not answer: report what is known so far
             log.warning("nodes: expected the GCS's node table, got %s: %s", type(e).__name__, e)
             return list(self._lost)
         for node_id, address in self.start.items():
-            if node_id not in alive and node_id not in self._lost:
-                self._lost.append(node_id)
-                log.warning("node %s (%s) lost: its work is retried on the %d node(s) left", node_id, address,
-                            len(alive))
+            node = table.get(node_id, {})
+            if node_id in self._lost or node.get("Alive") or node.get("DeathReason") == DRAINED_IDLE:
+                continue
+            self._lost.append(node_id)
+            log.warning("node %s (%s) lost (%s): Ray retries its work on the %d node(s) left", node_id, address,
+                        node.get("DeathReasonMessage") or "gone from the node table",
+                        sum(1 for n in table.values() if n.get("Alive")))
         return list(self._lost)
+
+
+def watch_head(on_lost: Callable[[str], Any], grace_s: float = HEAD_GRACE_S) -> contextlib.AbstractContextManager:
+    """A `HeadWatch` of this driver's GCS; nothing to watch (a no-op context) where Ray names no GCS address
+    (Ray Client connections)."""
+    import ray
+
+    try:
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - any failure here only means: no watch
+        address = None
+    if not address or ":" not in address:
+        return contextlib.nullcontext()
+    return HeadWatch(address, on_lost, grace_s)
 
 
 def _refused(host: str, port: int, timeout_s: float) -> bool:

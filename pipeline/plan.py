@@ -29,7 +29,7 @@ import fsspec
 import numpy as np
 
 from pipeline import ray_noise
-from pipeline.cluster import HeadWatch, NodeWatch
+from pipeline.cluster import NodeWatch, watch_head
 from pipeline.config import JobConfig, redact
 from pipeline.lease import Lease
 from pipeline.preprocess import preprocess_batch
@@ -474,7 +474,7 @@ def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None)
     ray_noise.quiet()  # Ray's lines that read as failures; the committer logs what each commit holds
     ds = build_dataset(cfg, pending, model, gpus, dtype, layout)
     stream = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))
-    with HeadWatch(ray.get_runtime_context().gcs_address, on_lost=lambda why: _head_lost(cfg, committer, why)):
+    with watch_head(lambda why: _head_lost(cfg, committer, why)):
         while True:
             try:
                 table = next(stream, None)
