@@ -1,7 +1,8 @@
 """What a run knows about the nodes of its Ray cluster: which it started with, which it lost, and the head.
 
 - `NodeWatch`: the nodes alive when the run started; `lost()` names those gone since (dead in the GCS's node
-  table, or no longer in it), except nodes the autoscaler drained because they were idle. Read before each
+  table, no longer in it, or with a raylet port that refuses connections: the GCS's health checks take
+  seconds to declare a node dead), except nodes the autoscaler drained because they were idle. Read before each
   commit and at the end, so each manifest and the run summary say which nodes the run lost while it went on
   (Ray retried their work on the nodes left).
 - `HeadWatch`: a thread that probes the head's GCS port. Every task, actor and object of a run goes through the
@@ -54,12 +55,16 @@ class NodeWatch:
             return list(self._lost)
         for node_id, address in self.start.items():
             node = table.get(node_id, {})
-            if node_id in self._lost or node.get("Alive") or node.get("DeathReason") == DRAINED_IDLE:
+            if node_id in self._lost or node.get("DeathReason") == DRAINED_IDLE:
                 continue
+            if node.get("Alive"):  # the GCS's health checks take seconds to notice a dead node: ask its raylet
+                if not node.get("NodeManagerPort") or not _refused(address, node["NodeManagerPort"], 1.0):
+                    continue
+                why = "its raylet refuses connections"
+            else:
+                why = node.get("DeathReasonMessage") or "gone from the node table"
             self._lost.append(node_id)
-            log.warning("node %s (%s) lost (%s): Ray retries its work on the %d node(s) left", node_id, address,
-                        node.get("DeathReasonMessage") or "gone from the node table",
-                        sum(1 for n in table.values() if n.get("Alive")))
+            log.warning("node %s (%s) lost (%s): Ray retries its work on the nodes left", node_id, address, why)
         return list(self._lost)
 
 

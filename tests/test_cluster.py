@@ -35,7 +35,7 @@ def test_head_watch_fires_once_the_port_refuses_for_the_grace_period():
 def test_node_watch_names_lost_nodes_not_idle_drained_ones():
     """The node table as `ray.nodes()` gives it (rows as a real Cluster's GCS returned them; DeathReason numbers are
     NodeDeathInfo's: 2 unexpected termination, 4 drained idle by the autoscaler)."""
-    table = [{"NodeID": n, "Alive": True, "NodeManagerAddress": "10.0.0.1", "DeathReason": 0} for n in "abcd"]
+    table = [{"NodeID": n, "Alive": True, "NodeManagerAddress": "127.0.0.1", "DeathReason": 0} for n in "abcd"]
     watch = NodeWatch(lambda: table)
     assert watch.lost() == []
     table[1] = {**table[1], "Alive": False, "DeathReason": 2, "DeathReasonMessage": "health check failed"}
@@ -43,3 +43,7 @@ def test_node_watch_names_lost_nodes_not_idle_drained_ones():
     assert watch.lost() == ["b"]
     del table[3]  # gone from the table altogether
     assert watch.lost() == ["b", "d"] and watch.lost() == ["b", "d"]  # each named once, in the order seen
+    with socket.create_server(("127.0.0.1", 0)) as raylet:  # alive for the GCS: its raylet port is asked
+        table[0] = {**table[0], "NodeManagerPort": raylet.getsockname()[1]}
+        assert watch.lost() == ["b", "d"]
+    assert watch.lost() == ["b", "d", "a"]  # the port closed: dead before the GCS's health checks say so
