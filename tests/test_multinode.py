@@ -8,6 +8,7 @@ cluster runs in a process of its own (`_raycluster`). Afterwards every image id 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -144,6 +145,7 @@ def test_a_worker_node_dies_mid_run(own_cluster, tmp_path, pngs):
     try:
         wait_for_commits(proc, out, 1)
         killed = own_cluster.host.call(op="kill", worker=0, busy="ShardLabeler")
+        killed_at = dt.datetime.now(dt.UTC)
     finally:
         stdout, stderr = finish(proc)
     assert killed["busy"], "worker node 0 had no actor labelling a shard when it died"
@@ -152,8 +154,9 @@ def test_a_worker_node_dies_mid_run(own_cluster, tmp_path, pngs):
     lost = [own_cluster.host.workers[0]]
     assert summary["nodes_lost"] == lost and summary["images"] == len(ids) == 800 and summary["error"] == 0
     manifests = list_manifests(out)
-    assert len(manifests) == 4 and manifests[-1]["stats"]["nodes_lost"] == lost
-    assert manifests[0]["stats"]["nodes_lost"] == []  # committed before the loss
+    after = [m for m in manifests if dt.datetime.fromisoformat(m["committed_at"]) > killed_at]
+    assert len(manifests) == 4 and manifests[0]["stats"]["nodes_lost"] == []  # committed before the loss
+    assert after and all(m["stats"]["nodes_lost"] == lost for m in after), [m["stats"] for m in manifests]
     assert_exactly_once(out, ids)
 
 
