@@ -7,9 +7,8 @@
   (Ray retried their work on the nodes left).
 - `HeadWatch`: a thread that probes the head's GCS port. Every task, actor and object of a run goes through the
   GCS, so a run whose head is gone cannot go on. Ray's own driver then waits out its GCS reconnect timeout
-  (`gcs_rpc_server_reconnect_timeout_s`, 60 s by default) and exits from C++, with a raylet log dump on stdout
-  and a C++ error line (Ray 2.60); the watch instead calls `on_lost` with one line, once the port has refused
-  connections for `grace_s`.
+  (`gcs_rpc_server_reconnect_timeout_s`, 60 s by default), then exits from C++ with one error line (Ray 2.60);
+  the watch instead calls `on_lost` with one line, once the port has refused connections for `grace_s`.
   A GCS restarted with fault tolerance (KubeRay's external Redis) is back within seconds, on the same port;
   give `grace_s` at least that long there.
 """
