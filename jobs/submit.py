@@ -210,6 +210,20 @@ def connect(address: str, environ: Mapping[str, str]):
         raise SubmitError(f"cannot reach the Ray job server at {address}: {e}{hint}") from e
 
 
+def submit(client: Any, spec: dict[str, Any], address: str, attempts: int = 20, wait_s: float = 3.0) -> str:
+    """client.submit_job(**spec); retried while the job server answers that it has no agent yet ("try again
+    later": a head that has just started, whose dashboard agent is not registered), else a SubmitError."""
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(**spec)
+        except RuntimeError as e:  # the SDK's "Request failed with status code 500: ..."
+            if "try again later" not in str(e) or attempt == attempts - 1:
+                raise SubmitError(f"the job server at {address} refused the job: {e}") from e
+            log.info("job server at %s: %s; retrying in %.0fs", address, e, wait_s)
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
 async def _tail(client: Any, job_id: str) -> None:
     async for chunk in client.tail_job_logs(job_id):
         sys.stdout.write(chunk)
@@ -276,7 +290,7 @@ def _main(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                         **{k: v for k, v in spec.items() if k not in ("entrypoint", "runtime_env")}})
             return 0
         client = connect(address, environ)
-        job_id = client.submit_job(**spec)
+        job_id = submit(client, spec, address)
         if args.no_wait:
             print(job_id)
             return 0

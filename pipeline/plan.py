@@ -29,6 +29,7 @@ import fsspec
 import numpy as np
 
 from pipeline import ray_noise
+from pipeline.cluster import NodeWatch, watch_head
 from pipeline.commit import STAGING_GRACE_S, recover
 from pipeline.config import JobConfig, redact
 from pipeline.layout import committed_shards
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 TASK_RETRIES = 3
 ACTOR_RESTARTS = -1  # the predictor holds no state a restart loses
 ACTOR_TASK_RETRIES = 4
+EXIT_HEAD_LOST = 1  # the driver's exit status when the Ray head is lost mid-run (cluster.HeadWatch)
 
 
 class RunFailed(RuntimeError):
@@ -121,6 +123,7 @@ class RunSummary:
     shards_skipped: int
     manifests: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    nodes_lost: list[str] = field(default_factory=list)  # Ray node ids alive at the start, dead at the end
 
     @property
     def counts(self) -> dict[str, int]:
@@ -136,6 +139,7 @@ class RunSummary:
             "images_per_s": round(c["images"] / self.seconds, 2) if self.seconds else 0.0,
             "shard_error_list": {u: s["error"] for m in self.manifests for u, s in m["shards"].items() if s["error"]},
             "shards_to_retry": [u for m in self.manifests for u, s in m["shards"].items() if not s.get("done", True)],
+            "nodes_lost": self.nodes_lost,
         }
 
 
@@ -453,32 +457,47 @@ def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None)
     layout = cfg.layout if cfg.layout != "auto" else ("split" if gpus else "fused")
     log.info("run %s: %s layout, %s actors, dtype %s (%s)", cfg.run_id, layout, "GPU" if gpus else "CPU", dtype,
              why)
+    nodes = NodeWatch()  # the nodes alive now: each commit and the summary name those lost since
     committer = WaveCommitter(
         output=cfg.output, run_id=cfg.run_id, model_name=cfg.model_name, model_digest=model.digest, dt=cfg.dt,
         shards=[s.uri for s in pending], wave_size=cfg.wave_shards or len(pending), embeddings=cfg.embeddings,
         config=cfg.to_dict(), before_commit=lease.renew if lease is not None else None,
+        live_stats=lambda: {"nodes_lost": nodes.lost()},
         stats={"family": model.info.family, "head": model.head.kind, "checkpoint_digest": model.info.digest,
                "dtype": dtype, "dtype_reason": why, "layout": layout})
     summary.manifests = committer.manifests  # filled as waves commit
     ray_noise.quiet()  # Ray's lines that read as failures; the committer logs what each commit holds
     ds = build_dataset(cfg, pending, model, gpus, dtype, layout)
     stream = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))
-    while True:
-        try:
-            table = next(stream, None)
-        except Exception as e:  # Ray gave up (its retries are bounded): say what broke, in one line
-            raise _failed(cfg, committer, e) from e
-        if table is None:
-            break
-        try:
-            committer.add(table)
-        except (OSError, ValueError) as e:  # staging or commit I/O of this driver
-            raise _failed(cfg, committer, e) from e
+    with watch_head(lambda why: _head_lost(cfg, committer, why)):
+        while True:
+            try:
+                table = next(stream, None)
+            except Exception as e:  # Ray gave up (its retries are bounded): say what broke, in one line
+                raise _failed(cfg, committer, e) from e
+            if table is None:
+                break
+            try:
+                committer.add(table)
+            except (OSError, ValueError) as e:  # staging or commit I/O of this driver
+                raise _failed(cfg, committer, e) from e
     committer.finish()
+    summary.nodes_lost = nodes.lost()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _failed(cfg: JobConfig, committer: WaveCommitter, e: BaseException) -> RunFailed:
+def _failed(cfg: JobConfig, committer: WaveCommitter, e: BaseException | str) -> RunFailed:
+    why = e if isinstance(e, str) else root_cause(e)
     return RunFailed(f"run {cfg.run_id}: {committer.wave_label} failed, nothing of it committed "
-                     f"({len(committer.manifests)} earlier wave(s) are): {root_cause(e)}")
+                     f"({len(committer.manifests)} earlier wave(s) are): {why}")
+
+
+def _head_lost(cfg: JobConfig, committer: WaveCommitter, why: str) -> None:
+    """The head is gone: end this driver now, with one line, instead of Ray's silent exit a minute later.
+
+    Nothing of the wave being filled is committed (a commit in progress is finished or undone by the next run's
+    `recover`); the next run on a live cluster labels the shards no manifest covers."""
+    log.critical("%s; re-run on a live cluster to resume", _failed(cfg, committer, why))
+    logging.shutdown()
+    os._exit(EXIT_HEAD_LOST)

@@ -41,7 +41,8 @@ class WaveCommitter:
 
     def __init__(self, *, output: str, run_id: str, model_name: str, model_digest: str, dt: str,
                  shards: list[str], wave_size: int, embeddings: bool, config: dict[str, Any],
-                 stats: dict[str, Any], before_commit: Callable[[], None] | None = None):
+                 stats: dict[str, Any], before_commit: Callable[[], None] | None = None,
+                 live_stats: Callable[[], dict[str, Any]] | None = None):
         self.output, self.run_id, self.model_name, self.model_digest, self.dt = output, run_id, model_name, \
             model_digest, dt
         self.pending = set(shards)  # shards not yet complete
@@ -49,6 +50,7 @@ class WaveCommitter:
         self.n_waves = -(-len(shards) // self.wave_size)
         self.embeddings, self.config, self.stats = embeddings, config, stats
         self.before_commit = before_commit
+        self.live_stats = live_stats  # stats read at each commit (the nodes lost so far)
         self.partial: dict[str, list[pa.Table]] = {}  # shard -> its rows so far (not complete yet)
         self.seen: dict[str, int] = {}  # shard -> image rows so far
         self.expected: dict[str, int] = {}  # shard -> its marker's image count, once the marker has arrived
@@ -122,12 +124,13 @@ class WaveCommitter:
             self.before_commit()  # the lease: raises, committing nothing, if another writer took the output over
         seconds = time.perf_counter() - self._wave_started
         images = sum(r["rows"] for r in self.results)
+        live = self.live_stats() if self.live_stats is not None else {}
         k = len(self.manifests)
         manifest = commit(
             output=self.output, run_id=self.run_id, commit_id=self.commit_id, model_name=self.model_name,
             model_digest=self.model_digest, dt=self.dt, results=self.results, expected_shards=self.wave,
             config=self.config, staging_id=self.staging_id,
-            stats={**self.stats, "seconds": round(seconds, 3), "wave": k, "waves": self.n_waves,
+            stats={**self.stats, **live, "seconds": round(seconds, 3), "wave": k, "waves": self.n_waves,
                    "images_per_s": round(images / seconds, 2) if seconds else 0.0},
         )
         self.manifests.append(manifest)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 from _digits import held_out_pngs
-from _procs import end_session
+from _procs import descendants, end_session
 
 from pipeline.config import JobConfig
 from pipeline.plan import RunFailed, run
@@ -33,27 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """{pid: command line} of every live descendant of `pid`."""
-    procs: dict[int, tuple[int, str]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if fields[0] not in ("Z", "X"):
-            procs[int(d.name)] = (int(fields[1]), cmd)
-    found, frontier = {}, {pid}
-    while frontier:
-        frontier = {p for p, (ppid, _) in procs.items() if ppid in frontier and p not in found}
-        found.update({p: procs[p][1] for p in frontier})
-    return found
 
 
 class Killer(threading.Thread):
