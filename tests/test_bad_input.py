@@ -145,6 +145,7 @@ def confident_digits():
     raise AssertionError("expected 3 confidently labelled held-out digits")
 
 
+@pytest.mark.slow
 def test_bad_image_corpus_through_the_pipeline(ray_local, tmp_path, confident_digits):
     samples: list[tuple[str, dict[str, bytes]]] = []
     same_as: dict[str, str] = {}  # variant key -> plain key of the same digit

@@ -49,6 +49,7 @@ def _code(error: str) -> str:
     return error.removeprefix("shard_error: ").split(":", 1)[0]
 
 
+@pytest.mark.slow
 def test_bad_shards_get_errors_and_the_rest_commit(ray_local, tmp_path, pngs, monkeypatch):
     inp, out = tmp_path / "in", tmp_path / "out"
     good = {f"good-{n}.tar": [(f"g{n}-{i}", {"png": pngs[n * 6 + i], "cls": b"1"}) for i in range(6)] for n in range(2)}

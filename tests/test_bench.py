@@ -125,6 +125,7 @@ def _sane_family(x: dict, name: str) -> None:
     assert x["slower_bound"] in ("model-only", "decode") and x["head"] == "classifier"
 
 
+@pytest.mark.slow
 def test_family_vit(workdir):
     r, stdout = run_bench(workdir, "family-vit", "--family", "vit", "--family-images", "24")
     _sane_machine(r["machine"])

@@ -171,6 +171,7 @@ def test_driver_killed_mid_run_then_rerun(ray_local, tmp_path, pngs):
 # ------------------------------------------------------------------------------------------------ S3 faults
 
 
+@pytest.mark.slow
 def test_s3_throttling_and_5xx_are_retried(ray_local, s3_faults, pngs):
     ids = write_shards("s3://test-bucket/in", pngs, shards=4, per=40)
     rules = [s3_faults.add(r"^/test-bucket/in/shard-00[02]\.tar", methods=("GET",), times=3),  # SlowDown 503
@@ -185,6 +186,7 @@ def test_s3_throttling_and_5xx_are_retried(ray_local, s3_faults, pngs):
     assert_exactly_once("s3://test-bucket/out", ids)
 
 
+@pytest.mark.slow
 def test_s3_shard_denied_is_retried_by_the_next_run(ray_local, s3_faults, pngs):
     ids = write_shards("s3://test-bucket/in", pngs, shards=3, per=20)
     denied = s3_faults.add(r"^/test-bucket/in/shard-001\.tar", status=403, code="AccessDenied", times=None)
@@ -203,6 +205,7 @@ def test_s3_shard_denied_is_retried_by_the_next_run(ray_local, s3_faults, pngs):
 # ------------------------------------------------------------------------------------- deterministic failures
 
 
+@pytest.mark.slow
 def test_model_that_cannot_load_fails_fast_with_its_reason(ray_local, tmp_path, pngs):
     """A weights file cut short (an interrupted upload): its header reads fine on the driver, every actor fails
     to load it. Ray Data does not retry a constructor that raised: the run ends in seconds, saying why."""
@@ -221,6 +224,7 @@ def test_model_that_cannot_load_fails_fast_with_its_reason(ray_local, tmp_path, 
     assert list_manifests(str(tmp_path / "out")) == []
 
 
+@pytest.mark.slow
 def test_unwritable_output_fails_fast_with_its_reason(ray_local, tmp_path, pngs):
     write_shards(str(tmp_path / "in"), pngs, shards=2, per=20)
     out = tmp_path / "out"

@@ -59,6 +59,7 @@ def plain_prototypes(examples: dict[str, list[bytes]]) -> tuple[list[str], np.nd
     return labels, np.stack(protos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_few_shot_digits_end_to_end(ray_local, tmp_path, digits, where, request):
     train, held = digits
@@ -108,6 +109,7 @@ def test_few_shot_digits_end_to_end(ray_local, tmp_path, digits, where, request)
     assert accuracy >= 0.9  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_examples_change_makes_shards_pending_again(ray_local, tmp_path, digits):
     train, held = digits
     write_examples(str(tmp_path / "ex"), train, per_label=3)

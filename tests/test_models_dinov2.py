@@ -352,6 +352,7 @@ def write_shard(root: Path, images: list[tuple[str, bytes]]) -> None:
         ("broken", {"jpg": b"not an image"})])
 
 
+@pytest.mark.slow
 def test_pipeline_classifier_matches_plain_loop(ray_local, tmp_path):
     from pipeline.config import JobConfig
     from pipeline.plan import run
@@ -373,6 +374,7 @@ def test_pipeline_classifier_matches_plain_loop(ray_local, tmp_path):
     assert {k: (rows[k]["status"], rows[k]["label"]) for k in expected} == {k: ("ok", v) for k, v in expected.items()}
 
 
+@pytest.mark.slow
 def test_few_shot_on_a_backbone_matches_plain_computation(ray_local, tmp_path):
     """A Dinov2Model directory (no classifier) labels a shard with --examples: prototypes = normalised mean of the
     normalised example features (forward_features: the cls token); label = argmax cosine; score = that cosine."""

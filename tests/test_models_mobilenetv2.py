@@ -365,6 +365,7 @@ def test_torchvision_sidecar_json_and_memory_fs(tmp_path):
 # --- the pipeline against a plain loop --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pipeline_top1_equals_plain_loop(ray_local, tmp_path, hf224):
     from pipeline.config import JobConfig
     from pipeline.plan import run

@@ -374,6 +374,7 @@ def test_memory_and_s3_urls(tmp_path, s3):
 # --- 5. the pipeline against a plain loop ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pipeline_top1_equals_plain_loop(ray_local, tmp_path, held_out):
     from pipeline.config import JobConfig
     from pipeline.plan import run

@@ -387,6 +387,7 @@ def png(px: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_zero_shot_pipeline_on_s3(ray_local, s3, tmp_path):
     from pipeline.config import JobConfig
     from pipeline.plan import run

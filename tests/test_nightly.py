@@ -72,6 +72,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_nightly_three_days_with_a_crash(ray_local, s3, days, capsys):
     _arrive(days, "day1")
     _arrive(days, "day2")

@@ -52,6 +52,7 @@ def _rows(output: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["key"])
 
 
+@pytest.mark.slow
 def test_local_and_s3_give_identical_rows(ray_local, s3, tmp_path, digit_samples):
     shards, truth = digit_samples
     local_in = _write_local(tmp_path / "in", shards)
@@ -85,6 +86,7 @@ def test_local_and_s3_give_identical_rows(ray_local, s3, tmp_path, digit_samples
     assert all(abs(r["topk_scores"][0] - r["score"]) < 1e-6 for r in ok)
 
 
+@pytest.mark.slow
 def test_top1_equals_plain_torch_loop(ray_local, tmp_path, digit_samples):
     import torch
 
@@ -111,6 +113,7 @@ def test_top1_equals_plain_torch_loop(ray_local, tmp_path, digit_samples):
     assert checked == 60
 
 
+@pytest.mark.slow
 def test_rerun_labels_nothing_twice_and_waves_commit_separately(ray_local, tmp_path, digit_samples):
     shards, _ = digit_samples
     inp = _write_local(tmp_path / "in", shards)

@@ -332,6 +332,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
+@pytest.mark.slow
 def test_cli_formats_parse_back(output, tmp_path, capsys):
     populate(output)
     sql = "SELECT key, label, score, topk_labels, labelled_at, model, dt FROM predictions ORDER BY model_digest, key"

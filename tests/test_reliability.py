@@ -198,6 +198,7 @@ def test_reset_mid_body_is_what_the_client_sees(s3_faults):
     assert s3_faults.injected() == {"GET reset mid-body": 1, "PUT reset mid-body": 1}
 
 
+@pytest.mark.slow
 def test_put_that_landed_but_whose_answer_was_lost(ray_local, s3_faults, pngs):
     """The manifest PUT and a lease PUT land, then their connections reset: botocore sends them again, and S3
     refuses the create-only retry as existing. `create_only` reads the object back and finds its own bytes (the

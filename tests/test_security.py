@@ -150,6 +150,7 @@ def test_adversarial_keys_write_nothing_outside_output(ray_local, tmp_path, pngs
 # --------------------------------------------------------------------------------------- Ray token auth
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_dashboard_and_job_api_refuse_requests_without_the_token(ray_head):
     url, token = ray_head.url, ray_head.token
@@ -179,6 +180,7 @@ def test_dashboard_and_job_api_refuse_requests_without_the_token(ray_head):
     assert requests.get(f"{url}/api/jobs/", cookies={"ray-authentication-token": token}, timeout=10).ok
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_drivers_without_the_token_cannot_connect(ray_head):
     gcs, token, env = ray_head.gcs, ray_head.token, ray_head.env | {"RAY_AUTH_TOKEN": ray_head.token}

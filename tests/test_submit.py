@@ -107,6 +107,7 @@ def _png(img) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_submit_a_run_to_a_token_auth_cluster(ray_head, s3):
     from jobs.train_digits import digits_split

@@ -132,6 +132,7 @@ def _outcomes(rows: list[dict]) -> Expected:
     return got
 
 
+@pytest.mark.slow
 def test_every_image_member_is_one_row(ray_local, input_root, tmp_path, pngs):
     expected, shard_errors = webdataset_shards(input_root, pngs)
     for more, errors in (damaged_shards(input_root, pngs), hf_path_shards(input_root, pngs, tmp_path / "src")):
