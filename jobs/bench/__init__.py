@@ -12,7 +12,7 @@ One run, one corpus, one model, one dtype, one batch size, one Ray CPU count:
     plain-loop   the loop a user writes: PIL, the transformers processor and model, torch on every core;
                  against `vitlabel run`'s whole wall time at --compare-size and --loop-sizes
     waves        the same small shards with --wave-shards 2 and 0: the cost of committing in waves
-    scaling      e2e over 1k, 10k, 50k images: seconds and peak memory per image
+    scaling      e2e over 1k, 3k, 20k, 50k images (`vitlabel run`'s default layout): seconds, peak memory per image
     --family     instead: ResNet-50, MobileNetV2, DINOv2-S/14, SigLIP-B/16 (and the ViT), each with decode per
                  core, model-only, e2e and e2e against the slower of its two bounds
 

@@ -94,7 +94,7 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"  steady state (fit over the scaling runs): {_f(st['images_per_s'])} images/s after "
                      f"{_f(st['startup_seconds'], 1)} s of startup")
     if r["scaling"]:
-        lines += ["", f"{'scaling (e2e, local, job layout)':<34}{'images':>8}{'seconds':>9}{'images/s':>10}"
+        lines += ["", f"{'scaling (e2e, local, default layout)':<34}{'images':>8}{'seconds':>9}{'images/s':>10}"
                       f"{'s per 1k':>10}{'peak PSS MB':>13}{'MB per 1k':>11}{'peak RSS MB':>13}"]
         for x in r["scaling"]:
             lines.append(_row("", 34, (x["images"], 8, 0), (x["seconds"], 9, 1), (x["images_per_s"], 10, 1),

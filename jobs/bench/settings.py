@@ -12,7 +12,7 @@ MODEL_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12
 FAMILIES = {"vit": "vit", "resnet50": "resnet", "mobilenetv2": "mobilenetv2", "dinov2": "dinov2", "siglip": "siglip"}
 FAMILY_ALIASES = {"resnet-50": "resnet50", "resnet": "resnet50", "mobilenet_v2": "mobilenetv2",
                   "dinov2-s14": "dinov2", "siglip-b16": "siglip"}
-DEFAULTS = {"sizes": "1000,10000,50000", "compare_size": 3000, "unique_images": 2000, "shard_images": 250,
+DEFAULTS = {"sizes": "1000,3000,20000,50000", "compare_size": 3000, "unique_images": 2000, "shard_images": 250,
             "seconds": 8.0, "wave_corpus": "40x25", "loop_sizes": "20000", "family_seconds": 60.0}
 QUICK = {"sizes": "150,300", "compare_size": 300, "unique_images": 100, "shard_images": 50, "seconds": 2.0,
          "wave_corpus": "8x6", "loop_sizes": "", "family_seconds": 5.0}
@@ -118,6 +118,16 @@ class Settings:
         n = self.num_cpus
         return Layout("all-cpus", actors=n, cpus_per_actor=(n - 0.5) / n, threads_per_actor=1, gpus_per_actor=0.0,
                       preprocess_cpus=0.5)
+
+    @property
+    def default_layout(self) -> Layout:
+        """What `vitlabel run` lays out by default here (the scaling runs use it): on a CPU-only machine the fused
+        layout, one single-threaded actor per CPU that reads, decodes and labels its shards; on a GPU the job
+        layout (decode tasks + one actor per GPU)."""
+        if self.device == "cuda":
+            return self.layout
+        return Layout("default", actors=self.num_cpus, cpus_per_actor=1.0, threads_per_actor=1, gpus_per_actor=0.0,
+                      preprocess_cpus=0.0)
 
     @property
     def decode_cores(self) -> float:
