@@ -178,6 +178,10 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
         "e2e_vs_model_all_cpus": _div(e2e, mo["all_cpus_images_per_s"]),
         "e2e_s3_vs_model_bound": _div(ips("e2e_s3"), bound),
         "e2e_vs_ray_docs": _div(e2e, ips("ray_docs")),
+        # the target's ratio (issue 11): `vitlabel run` as a user runs it against the docs' code in the best layout
+        # measured for it (the job layout's 1 actor, or every CPU's actors with --all-cpus)
+        "run_vs_best_ray_docs": _div(ips("e2e_default"), max((x["images_per_s"] for k, x in v.items()
+                                                              if k.startswith("ray_docs")), default=None)),
         "e2e_vs_plain_loop": _div(e2e, ips("plain_loop")),
     }
     for row in r["run_vs_plain_loop"]:
@@ -207,7 +211,7 @@ def targets(r: dict[str, Any]) -> dict[str, bool | None]:
         return None if x is None else x >= t
 
     out = {"e2e >= 0.85 x model-only bound": at_least(ra["e2e_vs_model_bound"], 0.85),
-           "e2e >= 1.5 x Ray docs pattern": at_least(ra["e2e_vs_ray_docs"], 1.5),
+           "vitlabel run >= 1.5 x Ray docs pattern (its best layout)": at_least(ra.get("run_vs_best_ray_docs"), 1.5),
            "peak memory flat (<= 1.25x from smallest to largest)": (
                None if ra.get("peak_memory_growth") is None else ra["peak_memory_growth"] <= 1.25)}
     for row in r["run_vs_plain_loop"]:
