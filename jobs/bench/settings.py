@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                     f"{DEFAULTS['compare_size']})")
     p.add_argument("--loop-sizes", help="more sizes at which `vitlabel run` meets the plain transformers loop, "
                                         f"besides --compare-size (default: {DEFAULTS['loop_sizes']}; quick: none)")
-    p.add_argument("--wave-corpus", help="SHARDSxIMAGES of the wave-cost runs (--wave-shards 2 against 0) "
-                                         f"(default: {DEFAULTS['wave_corpus']})")
+    p.add_argument("--wave-corpus", help="SHARDSxIMAGES of the wave-cost runs (--wave-shards 2 against 0); with "
+                                         "IMAGES = --shard-images the 0 run is the default-layout run at that size, "
+                                         f"run once (default: {DEFAULTS['wave_corpus']})")
     p.add_argument("--unique-images", type=int, help=f"distinct photos in the pool (default: "
                                                      f"{DEFAULTS['unique_images']})")
     p.add_argument("--shard-images", type=int, help=f"images per WebDataset shard (default: "

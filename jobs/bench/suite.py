@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -104,7 +105,7 @@ def _suite(s: Settings, result: dict[str, Any], corpus: Any, scratch: Any) -> No
                           "ratio": _div(run["wall_images_per_s"], loop["images_per_s"]),
                           "target": LOOP_TARGETS.get(n)})
     if "waves" not in s.skip:
-        result["waves"] = wave_cost(s, spec, corpus, scratch)
+        result["waves"] = wave_cost(s, spec, corpus, scratch, e2e_at)
     if "bound-again" not in s.skip:
         # The model-only bound once more, after the side-by-side jobs: on a shared machine the larger one counts.
         again_for = [x for x in timed if x.name in (s.layout.name, s.default_layout.name)]
@@ -144,13 +145,19 @@ def _suite(s: Settings, result: dict[str, Any], corpus: Any, scratch: Any) -> No
     result["targets"] = targets(result)
 
 
-def wave_cost(s: Settings, spec: ModelSpec, corpus: Any, scratch: Any) -> dict[str, Any]:
+def wave_cost(s: Settings, spec: ModelSpec, corpus: Any, scratch: Any,
+              e2e_at: Callable[[int, Layout | None], dict[str, Any]] | None = None) -> dict[str, Any]:
     """The same small shards labelled with --wave-shards 2 and with 0 (one commit), `vitlabel run`'s default
-    layout: e2e seconds of each."""
-    shards = corpus.shards(s.wave_shards_total * s.wave_shard_images, per_shard=s.wave_shard_images)
+    layout: e2e seconds of each. Shards of the corpus's own size make the --wave-shards 0 run the default-layout
+    run at that many images: `e2e_at` (the suite's, which runs each job once) gives it."""
+    n = s.wave_shards_total * s.wave_shard_images
+    shards = corpus.shards(n, per_shard=s.wave_shard_images)
     out: dict[str, Any] = {"shards": s.wave_shards_total, "images_per_shard": s.wave_shard_images}
     for waves in (0, 2):
         log.info("bench: waves: %d shards with --wave-shards %d", s.wave_shards_total, waves)
+        if waves == 0 and e2e_at is not None and s.wave_shard_images == corpus.shard_images:
+            out["wave_shards_0"] = e2e_at(n, None)
+            continue
         out[f"wave_shards_{waves}"] = in_job_process(e2e_job, s, None, spec, str(shards),
                                                      str(scratch / f"waves-{waves}"), waves)
     out["ratio"] = _div(out["wave_shards_2"]["seconds"], out["wave_shards_0"]["seconds"])
