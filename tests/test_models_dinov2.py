@@ -189,6 +189,7 @@ def point_classes_at_images(hf, path: Path, images, gain: float = 4.0) -> None:
     hf.save_pretrained(path)
 
 
+@pytest.mark.slow  # over 5 s alone on 2 cores: out of the quick lane
 def test_preprocessing_parity_with_autoimageprocessor(tmp_path):
     # facebook/dinov2-*-imagenet1k-1-layer's processor (shortest edge 256, crop 224) at half size: 128 -> 112.
     path = tmp_path / "hf"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from _digits import png_bytes
 
 from pipeline.config import JobConfig
 from pipeline.models import load_model
-from pipeline.plan import run
+from pipeline.plan import RunSummary, run
 from pipeline.preprocess import decode_image
 from pipeline.sources import write_webdataset
 from pipeline.table import list_manifests, read_table
@@ -52,15 +53,27 @@ def _rows(output: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["key"])
 
 
-@pytest.mark.slow
-def test_local_and_s3_give_identical_rows(ray_local, s3, tmp_path, digit_samples):
-    shards, truth = digit_samples
-    local_in = _write_local(tmp_path / "in", shards)
-    for p in sorted(local_in.iterdir()):
-        s3.upload_file(str(p), "test-bucket", f"shards/{p.name}")
+@pytest.fixture(scope="module")
+def local_run(ray_local, tmp_path_factory, digit_samples) -> tuple[RunSummary, Path, str]:
+    """One local run of the digit shards in waves of 2 shards: (summary, input folder, output). Three tests read
+    its table (rows against an S3 run's, against a plain torch loop, and the rerun's first run), so the module
+    pays for one run instead of three. Its output is read only; the rerun test adds a shard to its input for
+    the time of one run."""
+    shards, _ = digit_samples
+    root = tmp_path_factory.mktemp("local-run")
+    inp = _write_local(root / "in", shards)
+    out = str(root / "out")
+    return run(_cfg(input=str(inp), output=out, wave_shards=2, run_id="wave-run")), inp, out
 
-    local = run(_cfg(input=str(local_in), output=str(tmp_path / "out")))
-    remote = run(_cfg(input="s3://test-bucket/shards/", output="s3://test-bucket/table"))
+
+@pytest.mark.slow
+def test_local_and_s3_give_identical_rows(s3, local_run, digit_samples):
+    shards, truth = digit_samples
+    local, local_in, local_out = local_run
+    for n in range(len(shards)):
+        s3.upload_file(str(local_in / f"shard-{n:03d}.tar"), "test-bucket", f"shards/shard-{n:03d}.tar")
+
+    remote = run(_cfg(input="s3://test-bucket/shards/", output="s3://test-bucket/table", wave_shards=2))
 
     n_images = sum(len(s) for s in shards)
     for summary in (local, remote):
@@ -68,7 +81,7 @@ def test_local_and_s3_give_identical_rows(ray_local, s3, tmp_path, digit_samples
         assert summary.counts["error"] == 2
         assert summary.counts["shards"] == 3
 
-    a, b = _rows(str(tmp_path / "out")), _rows("s3://test-bucket/table")
+    a, b = _rows(local_out), _rows("s3://test-bucket/table")
     assert len(a) == len(b) == n_images
     assert len({r["image_id"] for r in a}) == n_images  # one row per image
     assert [{k: r[k] for k in COMPARED} for r in a] == [{k: r[k] for k in COMPARED} for r in b]
@@ -87,13 +100,11 @@ def test_local_and_s3_give_identical_rows(ray_local, s3, tmp_path, digit_samples
 
 
 @pytest.mark.slow
-def test_top1_equals_plain_torch_loop(ray_local, tmp_path, digit_samples):
+def test_top1_equals_plain_torch_loop(local_run, digit_samples):
     import torch
 
     shards, _ = digit_samples
-    inp = _write_local(tmp_path / "in", shards)
-    run(_cfg(input=str(inp), output=str(tmp_path / "out")))
-    rows = {r["key"]: r for r in _rows(str(tmp_path / "out"))}
+    rows = {r["key"]: r for r in _rows(local_run[2])}
 
     bundle = load_model("builtin:digits")
     model = bundle.model.eval()
@@ -114,19 +125,23 @@ def test_top1_equals_plain_torch_loop(ray_local, tmp_path, digit_samples):
 
 
 @pytest.mark.slow
-def test_rerun_labels_nothing_twice_and_waves_commit_separately(ray_local, tmp_path, digit_samples):
+def test_rerun_labels_nothing_twice_and_waves_commit_separately(local_run, tmp_path, digit_samples):
     shards, _ = digit_samples
-    inp = _write_local(tmp_path / "in", shards)
-    out = str(tmp_path / "out")
-    first = run(_cfg(input=str(inp), output=out, wave_shards=2, run_id="wave-run"))
+    first, shared_in, shared_out = local_run
     assert [m["commit_id"] for m in first.manifests] == ["wave-run-w0000", "wave-run-w0001"]
-    second = run(_cfg(input=str(inp), output=out))
+    # The shared run's table, copied: its manifests name the shards by their paths, so the input stays where it is.
+    out = str(shutil.copytree(shared_out, tmp_path / "out"))
+    second = run(_cfg(input=str(shared_in), output=out))
     assert second.shards_skipped == 3 and second.manifests == []
     assert len(list_manifests(out)) == 2
     rows = _rows(out)
     assert len(rows) == sum(len(s) for s in shards)
     assert len({r["image_id"] for r in rows}) == len(rows)
-    # A new shard arriving later is the only thing labelled next time.
-    write_webdataset(str(inp / "shard-100.tar"), shards[1][:5])
-    third = run(_cfg(input=str(inp), output=out))
+    # A new shard arriving later is the only thing labelled next time (removed after: the input is shared).
+    new = shared_in / "shard-100.tar"
+    write_webdataset(str(new), shards[1][:5])
+    try:
+        third = run(_cfg(input=str(shared_in), output=out))
+    finally:
+        new.unlink()
     assert third.shards_skipped == 3 and third.counts["images"] == 5

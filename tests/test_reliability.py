@@ -45,21 +45,24 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 PER_SOURCE_SQL = "SELECT source, count(*) AS n, count(DISTINCT image_id) AS d FROM predictions GROUP BY source"
 READ_PAUSE_S = 0.5  # a poller, not a load test (with no pause, 8 readers on 2 cores starve the nightly)
+IDLE_PAUSE_S = 2.0  # while the table is still empty: 8 readers polling an empty table every 0.5 s held the
+# nightly's start back (on 2 cores most of the test's time went to reads before the first commit)
 
 # One reader: a process of its own (8 readers are 8 users' processes), reading until the stop file exists and
 # printing one JSON line per read: rows per source shard, rows minus distinct ids, the ids (read_table only),
-# or the error a read raised (a reader must never fail).
+# or the error a read raised (a reader must never fail). It pauses `pause` between reads, `idle` while it has
+# seen no rows yet.
 READER = """
 import contextlib, io, json, os, sys, time, traceback
 from collections import Counter
-kind, output, stop, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+kind, output, stop, pause, idle = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
 from jobs.cli import main
 from pipeline.table import read_table
 
 def query():  # `vitlabel query OUTPUT SQL --format json`: the CLI's own entry point
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["query", output, sys.argv[5], "--format", "json"]) == 0
+        assert main(["query", output, sys.argv[6], "--format", "json"]) == 0
     rows = json.loads(buf.getvalue())
     return {"rows": {r["source"]: r["n"] for r in rows}, "duplicates": sum(r["n"] - r["d"] for r in rows)}
 
@@ -76,7 +79,7 @@ while not os.path.exists(stop):
     except Exception:
         out = {"error": traceback.format_exc()[-3000:]}
     print(json.dumps(out), flush=True)
-    time.sleep(pause)
+    time.sleep(pause if out.get("rows") else idle)
 """
 
 
@@ -90,7 +93,7 @@ def test_readers_see_only_whole_commits(ray_local, s3, pngs, tmp_path):
     ids = write_shards(inp, pngs, shards=10, per=[12 + 5 * n for n in range(10)])  # a size of its own per shard
     stop = tmp_path / "stop"
     readers = [subprocess.Popen([sys.executable, "-c", READER, kind, out, str(stop), str(READ_PAUSE_S),
-                                 PER_SOURCE_SQL], cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE,
+                                 str(IDLE_PAUSE_S), PER_SOURCE_SQL], cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
                for kind in ["query"] * 4 + ["table"] * 4]
     cmd = [sys.executable, "-m", "jobs.cli", "-q", "nightly", "--input", inp, "--output", out, "--model",

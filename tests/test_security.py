@@ -119,6 +119,7 @@ ADVERSARIAL = ["../../../../tmp/vitlabel-escape", "/tmp/vitlabel-absolute", "..\
                "~/.ssh/id", "x" * 300, "nul\x00byte", "新しい/画像"]
 
 
+@pytest.mark.slow  # over 5 s alone on 2 cores: out of the quick lane
 def test_adversarial_keys_write_nothing_outside_output(ray_local, tmp_path, pngs):
     """Keys go into rows and hashes only: whatever they say, every file the run writes is under OUTPUT, named
     by the run (part-<commit>-<n>.parquet, <commit>.json) or its model version (its lease), never by a key."""
