@@ -4,6 +4,8 @@ machine, token auth on), and the nodes dying under them (marker: cluster).
 The head has 0 CPUs, so every read task and model actor lands on the two worker nodes (1 CPU and the custom
 resource `worker` each); drivers are `vitlabel run --ray-address` subprocesses, as on a real cluster, and the
 cluster runs in a process of its own (`_raycluster`). Afterwards every image id is in the table exactly once.
+Three clusters per run of this file: one for each test that kills a node, and one shared by the rest (started
+by the head test for its re-run, which must be on a fresh cluster).
 """
 
 from __future__ import annotations
