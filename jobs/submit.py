@@ -1,11 +1,14 @@
 """`vitlabel submit`: send `run` or `nightly` to a Ray cluster through the Job Submission API.
 
-    vitlabel submit [--address URL] [--working-dir DIR] [--env NAME ...] [--no-wait] -- run|nightly ARGS...
+    vitlabel submit [--address URL] [--working-dir DIR] [--env NAME ...] [--agent-timeout S] [--no-wait]
+                    -- run|nightly ARGS...
     vitlabel submit [--address URL] status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID | list
 
 The job's entrypoint is `vitlabel run|nightly ARGS...`, checked here first with the real argument parser
 (nothing is resolved locally: the input may only be reachable from the cluster). Without --no-wait it
-follows the job's logs and exits 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED.
+follows the job's logs and exits 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED. A head that has
+just started may not have its job agent yet ("No available agent to submit job, please try again later"):
+the submission is retried for --agent-timeout seconds (default 180), then refused naming the likely cause.
 
 Credentials: only through the job's runtime_env `env_vars`, copied from this environment for the names
 given with --env (default: the S3 credential, region and endpoint variables that are set, see
@@ -49,6 +52,9 @@ DEFAULT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
                "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|_KEY$", re.I)
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# How long a submission waits for the head's job agent (--agent-timeout): a head that has just started registers
+# it within seconds, a loaded one may take a minute or more.
+AGENT_TIMEOUT_S = 180.0
 
 
 class SubmitError(RuntimeError):
@@ -69,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--job-id", help="submission id (default: chosen by Ray)")
     p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver process")
     p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver process")
+    p.add_argument("--agent-timeout", type=float, default=AGENT_TIMEOUT_S, metavar="SECONDS",
+                   help="how long to keep submitting while the job server has no job agent yet (a head that has "
+                   f"just started; default {AGENT_TIMEOUT_S:.0f})")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return; do not follow the logs")
     p.add_argument("--dry-run", action="store_true",
                    help="check the command and print what would be submitted (variable names only); contact nothing")
@@ -210,18 +219,28 @@ def connect(address: str, environ: Mapping[str, str]):
         raise SubmitError(f"cannot reach the Ray job server at {address}: {e}{hint}") from e
 
 
-def submit(client: Any, spec: dict[str, Any], address: str, attempts: int = 20, wait_s: float = 3.0) -> str:
-    """client.submit_job(**spec); retried while the job server answers that it has no agent yet ("try again
-    later": a head that has just started, whose dashboard agent is not registered), else a SubmitError."""
-    for attempt in range(attempts):
+def submit(client: Any, spec: dict[str, Any], address: str, agent_timeout_s: float = AGENT_TIMEOUT_S,
+           retry_s: float = 3.0) -> str:
+    """client.submit_job(**spec), retried while the job server answers that it has no agent ("No available agent to
+    submit job, please try again later": it runs every job through the head node's dashboard agent, which registers
+    in the GCS once its HTTP server listens, and waits 10 s for it per request) until `agent_timeout_s` have passed;
+    any other refusal at once. Either is a SubmitError."""
+    t0 = time.monotonic()
+    while True:
         try:
             return client.submit_job(**spec)
         except RuntimeError as e:  # the SDK's "Request failed with status code 500: ..."
-            if "try again later" not in str(e) or attempt == attempts - 1:
+            if "try again later" not in str(e):
                 raise SubmitError(f"the job server at {address} refused the job: {e}") from e
-            log.info("job server at %s: %s; retrying in %.0fs", address, e, wait_s)
-            time.sleep(wait_s)
-    raise AssertionError("unreachable")
+            waited = time.monotonic() - t0
+            if waited + retry_s >= agent_timeout_s:
+                raise SubmitError(
+                    f"the job server at {address}: expected the head node's job agent within --agent-timeout "
+                    f"{agent_timeout_s:.0f}s, got none after {waited:.0f}s ({e}). A head whose agent never registers "
+                    "says why in its dashboard_agent.log: often its listen port (52365 unless `ray start "
+                    "--dashboard-agent-listen-port`) is held by another Ray on that machine") from e
+            log.info("job server at %s has no job agent yet (%.0fs); retrying in %.0fs", address, waited, retry_s)
+            time.sleep(retry_s)
 
 
 async def _tail(client: Any, job_id: str) -> None:
@@ -290,7 +309,7 @@ def _main(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                         **{k: v for k, v in spec.items() if k not in ("entrypoint", "runtime_env")}})
             return 0
         client = connect(address, environ)
-        job_id = submit(client, spec, address)
+        job_id = submit(client, spec, address, args.agent_timeout)
         if args.no_wait:
             print(job_id)
             return 0

@@ -13,6 +13,13 @@ one JSON line (stdin closed: the cluster ends):
     {"op": "kill_head"}                                   the head node dies the same way
     {"op": "procs"}                                       {node id: titles of its Ray worker processes}
     {"op": "tasks"}                                       {node id: names of the finished tasks it ran} (state API)
+    {"op": "job_agent", "wait_s": 180}                    once the job server can take a job (see `_job_agent`):
+                                                          {"agent": [ip, http port, grpc port], "waited_s"}
+
+Here every node's dashboard agent listens on a port the OS picks. Ray's default for a head is the fixed 52365: Cluster
+gives its worker nodes random ones but not its head, so another Ray on the machine (the test session's own local
+Ray, another test's cluster) that holds 52365 leaves the head's agent without its HTTP server, never registered, and
+the job server answers every submission "No available agent to submit job, please try again later".
 
 In its own process because a Cluster is process-wide state: it writes its address where a plain `ray.init()` of
 any process on this machine would find it (here: under $RAY_TMPDIR, which the caller points at the cluster's own
@@ -94,6 +101,52 @@ def _tasks(dashboard: str) -> dict[str, list[str]]:
     return by_node
 
 
+def _get(url: str, token: str | None) -> int:
+    """The HTTP status of GET `url` (0: no answer)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def _job_agent(cluster: Any, dashboard: str | None, wait_s: float) -> dict[str, Any]:
+    """Wait until the job server can take a job: the head node's dashboard agent (it runs the job's supervisor
+    actor) has registered its address in the GCS, under the key the job server looks up for every submission
+    (ray.dashboard.consts.DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX + the head's node id, namespace "dashboard"; the agent
+    writes it once its HTTP server listens), and the job API answers GET /api/jobs/ with 200."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+
+    if dashboard is None:
+        raise ValueError("job_agent: expected a cluster started with a dashboard_port, got none")
+    head = cluster.head_node
+    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head.node_id}".encode()
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    token = Path(token_path).read_text().strip() if token_path else None
+    gcs = head.get_gcs_client()
+    t0 = time.monotonic()
+    agent, status = None, 0
+    while time.monotonic() - t0 < wait_s:
+        if agent is None:
+            value = gcs.internal_kv_get(key, KV_NAMESPACE_DASHBOARD)
+            agent = json.loads(value) if value else None
+        status = _get(f"{dashboard}/api/jobs/", token) if agent else 0
+        if agent and status == 200:
+            return {"agent": agent, "waited_s": round(time.monotonic() - t0, 1)}
+        time.sleep(0.5)
+    log = Path(head.get_logs_dir_path(), "dashboard_agent.log")
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else f"({log} missing)"
+    raise TimeoutError(f"expected the head's job agent registered and the job API answering within {wait_s:.0f}s, "
+                       f"got agent {agent}, GET /api/jobs/ {status or 'no answer'}; {log.name} ends:\n{tail}")
+
+
 def serve(config: dict[str, Any]) -> None:
     """Start the cluster, print its addresses, answer commands until stdin closes."""
     replies = os.fdopen(os.dup(1), "w")
@@ -102,6 +155,7 @@ def serve(config: dict[str, Any]) -> None:
 
     dashboard_port = config.get("dashboard_port")
     head_args: dict[str, Any] = {"num_cpus": 0, "include_dashboard": dashboard_port is not None,
+                                 "dashboard_agent_listen_port": 0,  # not Ray's fixed 52365: see the docstring
                                  "_system_config": config.get("system_config", {})}
     if dashboard_port is not None:
         head_args.update(dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
@@ -126,8 +180,10 @@ def serve(config: dict[str, Any]) -> None:
                                 for n in cluster.list_all_nodes()})
             elif cmd["op"] == "tasks":
                 _send(replies, _tasks(dashboard))
+            elif cmd["op"] == "job_agent":
+                _send(replies, _job_agent(cluster, dashboard, cmd.get("wait_s", 180.0)))
             else:
-                _send(replies, {"error": f"op: expected kill, kill_head or tasks, got {cmd['op']!r}"})
+                _send(replies, {"error": f"op: expected kill, kill_head, procs, tasks or job_agent, got {cmd['op']!r}"})
         except Exception as e:  # noqa: BLE001 - the test reads it as its reply
             _send(replies, {"error": f"{type(e).__name__}: {e}"})
     for node in list(cluster.worker_nodes) + ([cluster.head_node] if cluster.head_node else []):
