@@ -170,8 +170,7 @@ def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, np.ndarray]:
     """A batch of read rows (`schema.READ_COLUMNS`) -> its input rows (`schema.input_batch`).
 
-    Marker rows (`schema.marker_flags`) and rows with a read error
-    already are passed through without decoding.
+    Marker rows (`schema.marker_flags`) and rows with a read error already are passed through without decoding.
     """
     data = batch["bytes"]
     n = len(data)
