@@ -84,30 +84,14 @@ def make_thumb(data: bytes, size: int) -> Thumb:
         return Thumb(None, error=f"decode_error: {type(e).__name__}: {e}"[:200])
 
 
-def shard_format(recorded: str) -> str:
-    """A shard format as a manifest records it (tar, tar.gz, parquet, images, ...) -> pipeline.sources'."""
-    f = recorded.lower()
-    if f in ("webdataset", "tgz") or f == "tar" or f.startswith("tar."):
-        return "webdataset"
-    if f in ("parquet", "folder"):
-        return f
-    if f == "images":
-        return "folder"
-    raise ValueError(f"manifest shard format: expected tar, tar.gz, parquet or images, got {recorded!r}")
-
-
 def _shard_for(source: str, config: dict[str, Any], recorded: str | None = None) -> tuple[Any, dict[str, str]]:
-    """How to read `source` again: the format its manifest recorded; for older manifests (no format), the
-    run's `input_format`, else a guess from the name as `list_shards` makes it."""
-    from pipeline.sources import PARQUET_SUFFIXES, WEBDATASET_SUFFIXES, Shard
+    """How to read `source` again: in the format its manifest recorded (`sources.Shard.format`); for older
+    manifests (no format), the run's `input_format`, else the format `list_shards` gives its name."""
+    from pipeline.sources import Shard, guess_format
 
-    fmt = shard_format(recorded) if recorded else config.get("input_format") or "auto"
-    if fmt == "auto":
-        low = source.lower()
-        fmt = "webdataset" if low.endswith(WEBDATASET_SUFFIXES) else "parquet" if low.endswith(
-            PARQUET_SUFFIXES) else "folder"
+    fmt = recorded or config.get("input_format") or "auto"
     kw = {"image_column": config.get("image_column") or "auto", "key_column": config.get("key_column") or "auto"}
-    return Shard(uri=source, format=fmt), kw
+    return Shard(uri=source, format=guess_format(source) if fmt == "auto" else fmt), kw
 
 
 def _read_shard(source: str, keys: set[str], config: dict[str, Any], size: int, recorded: str | None = None

@@ -44,7 +44,7 @@ def describe(cfg: JobConfig) -> dict:
         "model": {"name": cfg.model_name, **model.describe()},
         "shards": {"total": len(shards), "pending": len(pending), "first": [s.uri for s in pending[:5]]},
         "layout": cfg.layout if cfg.layout != "auto" else "auto (fused without GPUs, split with)",
-        "stages": ["read_shards", "preprocess_batch",
+        "stages": ["read_rows", "preprocess_batch",
                    f"Predictor x{cfg.min_actors}..{cfg.max_actors} (split) or ShardLabeler actors (fused)",
                    f"WaveCommitter: a commit every {cfg.wave_shards} shards" if cfg.wave_shards
                    else "WaveCommitter: one commit"],

@@ -1,10 +1,12 @@
 """Wires the stages into one Ray Data streaming plan, and commits its output. The only module that does.
 
-    list shards (driver)  -> pending = all shards - shards committed for this model digest
-    read shard (CPU task)   -> rows: image_id, source, key, bytes, shard_images, error (+1 marker row per shard)
-    preprocess (CPU task)   -> rows + inputs uint8 (patch tokens [N, P*P*3] or pixels [H, W, 3]), width, height, status
-    classify (actor pool)   -> rows + label, score, top-k (inputs dropped)
+    list shards (driver)    -> pending = all shards - shards committed for this model digest
+    read shard (CPU task)   -> read rows (`sources.read_rows`): one per image, + 1 marker row per shard
+    preprocess (CPU task)   -> input rows: + inputs uint8 (patch tokens or pixels), width, height, status
+    classify (actor pool)   -> prediction rows: + label, score, top-k (inputs dropped)
     WaveCommitter (driver)  -> consumes the stream: stages Parquet files, commits a manifest per wave
+
+The row formats are `pipeline.schema`'s; this module types none of its own.
 
 One Ray Data execution per run: the actors start once, and waves commit while later shards keep flowing.
 Each shard ends with one marker row that carries how many images the reader produced; the commit
@@ -35,8 +37,7 @@ from pipeline.config import JobConfig, redact
 from pipeline.layout import committed_shards
 from pipeline.lease import Lease, version_lease
 from pipeline.preprocess import preprocess_batch
-from pipeline.schema import image_row, marker_row, read_batch
-from pipeline.sources import Shard, ShardError, iter_examples, iter_shard, list_shards
+from pipeline.sources import Shard, iter_examples, list_shards, read_rows
 from pipeline.waves import WaveCommitter
 
 log = logging.getLogger(__name__)
@@ -73,43 +74,18 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def read_shards(batch: dict[str, np.ndarray], *, image_column: str, key_column: str, rows_per_batch: int
-                ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: shard descriptors -> batches of image rows, then one marker row per shard.
-
-    A shard that fails part way keeps the rows read so far; its marker carries the error, so the
-    images that were read are labelled and the manifest records the shard error.
-    """
-    for uri, fmt in zip(batch["uri"], batch["format"], strict=True):
-        shard = Shard(uri=str(uri), format=str(fmt), size=-1)
-        rows: list[tuple] = []
-        count, shard_error = 0, None
-        try:
-            for rec in iter_shard(shard, image_column=image_column, key_column=key_column):
-                rows.append(image_row(rec.image_id(shard.uri), shard.uri, rec.key, rec.data, rec.error))
-                count += 1
-                if len(rows) >= rows_per_batch:
-                    yield read_batch(rows)
-                    rows = []
-        except ShardError as e:
-            shard_error = f"shard_error: {e.message}"  # "<code>: ...": commit.shard_done reads the code
-        except Exception as e:  # one bad shard never fails the job
-            shard_error = redact(f"shard_error: read_error: {type(e).__name__}: {e}")
-        if shard_error:
-            log.warning("%s: %s (kept %d images read before it)", redact(shard.uri), shard_error, count)
-        rows.append(marker_row(shard.uri, shard.format, count, shard_error))
-        yield read_batch(rows)
-
-
 def read_and_preprocess(batch: dict[str, np.ndarray], *, image_column: str, key_column: str, rows_per_batch: int,
                         contract: Any, max_pixels: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: shard descriptors -> batches of preprocessed rows (inputs), each shard ending in its marker.
+    """Ray Data UDF: shard descriptors (`build_dataset`'s items) -> batches of input rows, each shard ending in
+    its marker row.
 
-    Reading and preprocessing compose here, in the plan, so one CPU task streams one shard; each batch
-    of `rows_per_batch` images is decoded as soon as it is read.
+    Reading (`sources.read_rows`) and preprocessing compose here, in the plan, so one CPU task streams one
+    shard; each batch of `rows_per_batch` images is decoded as soon as it is read.
     """
-    for rows in read_shards(batch, image_column=image_column, key_column=key_column, rows_per_batch=rows_per_batch):
-        yield preprocess_batch(rows, contract=contract, max_pixels=max_pixels)
+    for uri, fmt in zip(batch["uri"], batch["format"], strict=True):
+        shard = Shard(uri=str(uri), format=str(fmt))
+        for rows in read_rows(shard, image_column=image_column, key_column=key_column, rows_per_batch=rows_per_batch):
+            yield preprocess_batch(rows, contract=contract, max_pixels=max_pixels)
 
 
 @dataclass

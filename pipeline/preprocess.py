@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, ImageContract
-from pipeline.schema import INPUTS, marker_flags, strings
+from pipeline.schema import MARKER_STATUS, input_batch, marker_flags, strings
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -168,10 +168,9 @@ def decode_image(data: bytes, contract: ImageContract, max_pixels: int = DEFAULT
 
 def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, np.ndarray]:
-    """A batch of read rows -> the same rows with inputs, width, height, status, error (bytes dropped).
+    """A batch of read rows (`schema.READ_COLUMNS`) -> its input rows (`schema.input_batch`).
 
-    Input columns: `schema.READ_COLUMNS`. Marker rows (`schema.marker_flags`) and rows with a read error
-    already are passed through without decoding.
+    Marker rows (`schema.marker_flags`) and rows with a read error already are passed through without decoding.
     """
     data = batch["bytes"]
     n = len(data)
@@ -183,7 +182,7 @@ def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
     marker = marker_flags(batch)
     for i in range(n):
         if marker[i]:
-            status[i] = "marker"
+            status[i] = MARKER_STATUS
             continue
         if error[i]:
             status[i] = "error"
@@ -193,6 +192,4 @@ def preprocess_batch(batch: dict[str, Any], contract: ImageContract,
             status[i] = "ok"
         except ImageError as e:
             status[i], error[i] = "error", str(e)
-    out = {k: v for k, v in batch.items() if k != "bytes"}
-    out.update({INPUTS: inputs, "width": width, "height": height, "status": status, "error": error})
-    return out
+    return input_batch(batch, inputs=inputs, width=width, height=height, status=status, error=error)

@@ -1,11 +1,11 @@
 """Row formats: the columns each stage hands the next, defined once, and the conversions between them.
 
-    read rows        (plan.read_shards, from `sources` records)   READ_COLUMNS: image_id, source, key, bytes,
+    read rows        (sources.read_rows, from a shard's records)   READ_COLUMNS: image_id, source, key, bytes,
                      shard_images, shard_format, error
     marker rows      one per shard, after its image rows, in every stream below: shard_images = N >= 0 (the
                      images its reader produced), shard_format (`sources.Shard.format`), error (the shard's error)
-    input rows       (preprocess -> predictor)   read rows without bytes, plus INPUTS (uint8 model input),
-                     width, height, status ("ok", "error", or "marker")
+    input rows       (preprocess -> predictor)   `input_batch`: read rows without bytes, plus INPUTS (uint8 model
+                     input), width, height, status ("ok", "error", or MARKER_STATUS)
     prediction rows  (predictor -> driver)   stream_schema(embeddings): PREDICTION_FIELDS (+ embedding) + markers
     output rows      (the stored Parquet files)   output_schema(embeddings): PREDICTION_FIELDS (+ embedding) +
                      RUN_FIELDS; `model` and `dt` live only in the path (hive partitions)
@@ -28,7 +28,8 @@ MARKER_COLUMN = "shard_images"  # -1 on image rows; N >= 0 on the one marker row
 FORMAT_COLUMN = "shard_format"  # null on image rows; the shard's format (webdataset, parquet, folder) on markers
 INPUTS = "inputs"  # the model input column of input rows: patch tokens [N, P*P*3] or pixels [H, W, 3], uint8
 READ_COLUMNS = ("image_id", "source", "key", "bytes", MARKER_COLUMN, FORMAT_COLUMN, "error")
-STATUSES = ("ok", "error")  # of image rows; preprocess marks marker rows "marker" on their way to the predictor
+STATUSES = ("ok", "error")  # of image rows
+MARKER_STATUS = "marker"  # the status of marker rows from preprocess on (the driver tells them by MARKER_COLUMN)
 
 # Columns every prediction row carries (besides the optional embedding and the marker columns).
 PREDICTION_FIELDS: list[tuple[str, pa.DataType]] = [
@@ -82,7 +83,7 @@ def image_row(image_id: str, source: str, key: str, data: bytes | None, error: s
     return (image_id, source, key, data, -1, None, error)
 
 
-def marker_row(source: str, shard_format: str, images: int, error: str | None) -> tuple:
+def marker_row(source: str, shard_format: str | None, images: int, error: str | None) -> tuple:
     """The read row that ends a shard: how many images its reader produced, its format, and its error."""
     return ("", source, "", b"", images, shard_format, error)
 
@@ -95,6 +96,15 @@ def read_batch(rows: list[tuple]) -> dict[str, np.ndarray]:
             cols[name][i] = value
     cols[MARKER_COLUMN] = cols[MARKER_COLUMN].astype(np.int64)
     return cols
+
+
+def input_batch(read: Mapping[str, Any], *, inputs: np.ndarray, width: np.ndarray, height: np.ndarray,
+                status: np.ndarray, error: np.ndarray) -> dict[str, Any]:
+    """A numpy batch of input rows: the columns of the read rows `read` but their bytes, plus the model inputs
+    [B, ...] uint8, each image's width and height (-1 where not decoded), status and error [B]."""
+    out = {name: values for name, values in read.items() if name != "bytes"}
+    out.update({INPUTS: inputs, "width": width, "height": height, "status": status, "error": error})
+    return out
 
 
 def marker_flags(batch: Mapping[str, Any]) -> np.ndarray:

@@ -29,7 +29,12 @@ Keys are data, never paths: nothing is extracted, and member names are only comp
 a shard names that is opened is a Hugging Face image's `path` when its bytes are null: read, never written.
 Credentials come from the environment only and never appear in messages (`config.redact`).
 
-This module reads and writes bytes; it does not decode images and does not import ray or other stages.
+`read_rows` turns one shard's records into the read rows of `pipeline.schema` (its image rows, then its marker
+row): the rows the plan's read tasks hand preprocessing. Every record becomes exactly one image row, and the marker
+counts them, whatever the shard's error.
+
+This module reads and writes bytes; it does not decode images and does not import ray or other stages (it types
+its rows with `pipeline.schema`, which imports none either).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import lzma
 import os
 import posixpath
@@ -62,7 +68,11 @@ from pipeline.config import (
     UNTRUSTED_ROW_CODE,
     redact,
 )
+from pipeline.schema import image_row, marker_row, read_batch
 
+log = logging.getLogger(__name__)
+
+SHARD_FORMATS = tuple(f for f in INPUT_FORMATS if f != "auto")  # Shard.format: webdataset, parquet, folder
 WEBDATASET_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
 KEY_COLUMNS = ("key", "__key__", "id", "path", "filename")  # auto key column candidates, in order
@@ -106,7 +116,7 @@ class ShardError(Exception):
 @dataclass(frozen=True)
 class Shard:
     uri: str  # full URL with protocol: s3://bucket/key.tar, file:///abs/path.tar, file:///abs/dir (folder)
-    format: str  # webdataset | parquet | folder
+    format: str  # one of SHARD_FORMATS: webdataset | parquet | folder (what manifests record)
     size: int = -1  # bytes (a folder: sum of its image files), -1 when unknown
 
 
@@ -290,7 +300,43 @@ def iter_shard(shard: Shard, *, image_column: str = "auto", key_column: str = "a
         return _iter_parquet(shard.uri, image_column, key_column)
     if shard.format == "folder":
         return _iter_folder(shard.uri)
-    raise SourceError(f"shard.format: expected one of webdataset, parquet, folder, got {shard.format!r}")
+    raise SourceError(f"shard.format: expected one of {', '.join(SHARD_FORMATS)}, got {shard.format!r}")
+
+
+def read_rows(shard: Shard, *, image_column: str = "auto", key_column: str = "auto", rows_per_batch: int = 64
+              ) -> Iterator[dict[str, Any]]:
+    """One shard as numpy batches of read rows (`schema.READ_COLUMNS`): its image rows, `rows_per_batch` at a
+    time, then its one marker row, in the last batch.
+
+    Every record is one image row (a record that is not an image carries its error). Never raises for a bad
+    shard: a shard that fails part way keeps the rows read so far, and its marker carries how many images were
+    read and the error, "shard_error: <code>: <message>" (`commit.shard_done` reads the code), so the images
+    that were read are labelled and the manifest records the shard error.
+    """
+    rows: list[tuple] = []
+    count, shard_error = 0, None
+    try:
+        for rec in iter_shard(shard, image_column=image_column, key_column=key_column):
+            rows.append(image_row(rec.image_id(shard.uri), shard.uri, rec.key, rec.data, rec.error))
+            count += 1
+            if len(rows) >= rows_per_batch:
+                yield read_batch(rows)
+                rows = []
+    except ShardError as e:
+        shard_error = f"shard_error: {e.message}"
+    except Exception as e:  # one bad shard never fails the job
+        shard_error = redact(f"shard_error: read_error: {type(e).__name__}: {e}")
+    if shard_error:
+        log.warning("%s: %s (kept %d images read before it)", _redact(shard.uri), shard_error, count)
+    rows.append(marker_row(shard.uri, shard.format, count, shard_error))
+    yield read_batch(rows)
+
+
+def guess_format(uri: str) -> str:
+    """The format of a shard named `uri` as `list_shards` gives it under `auto`: webdataset or parquet by its
+    suffix, else folder (for manifests older than their shards' recorded format)."""
+    fmt = _file_format(uri)
+    return fmt if fmt in ("webdataset", "parquet") else "folder"
 
 
 def _unavailable(e: BaseException) -> bool:

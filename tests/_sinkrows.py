@@ -6,18 +6,12 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.commit import commit
-from pipeline.schema import ERROR_VALUES, FORMAT_COLUMN, MARKER_COLUMN, stream_schema
+from pipeline.schema import ERROR_VALUES, MARKER_COLUMN, MARKER_STATUS, READ_COLUMNS, marker_row, stream_schema
 
 RUN = "run-1"
 MODEL = "vit-test"
 DIGEST = "sha256:" + "ab" * 32
 DT = "2024-05-01"
-
-
-
-def input_schema(embeddings: bool = False) -> pa.Schema:
-    """The prediction stream's rows, as the driver receives them."""
-    return stream_schema(embeddings)
 
 
 def image_rows(source: str, n: int, *, start: int = 0, errors: int = 0, embeddings: bool = False) -> pa.Table:
@@ -37,15 +31,16 @@ def image_rows(source: str, n: int, *, start: int = 0, errors: int = 0, embeddin
             **values,
             MARKER_COLUMN: -1,
         })
-    return pa.Table.from_pylist(rows, schema=input_schema(embeddings))
+    return pa.Table.from_pylist(rows, schema=stream_schema(embeddings))
 
 
 def marker(source: str, images: int, error: str | None = None, *, embeddings: bool = False,
            fmt: str | None = "webdataset") -> pa.Table:
-    """The one marker row of a shard: how many images its reader produced, the shard-level error, its format."""
-    row = {**ERROR_VALUES, "status": None, "image_id": "", "source": source, "key": "", "error": error,
-           MARKER_COLUMN: images, FORMAT_COLUMN: fmt}
-    return pa.Table.from_pylist([row], schema=input_schema(embeddings))
+    """The one marker row of a shard as the predictor passes it on: the read task's `schema.marker_row` (how many
+    images its reader produced, its format, the shard-level error) with no prediction."""
+    read = dict(zip(READ_COLUMNS, marker_row(source, fmt, images, error), strict=True))
+    row = {**ERROR_VALUES, **read, "status": MARKER_STATUS}
+    return pa.Table.from_pylist([row], schema=stream_schema(embeddings))
 
 
 def shard(source: str, n: int, *, errors: int = 0, shard_error: str | None = None, embeddings: bool = False):

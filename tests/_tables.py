@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 
 import pyarrow as pa
-from _sinkrows import DT, input_schema, marker
+from _sinkrows import DT, marker
 
 from pipeline.commit import commit
-from pipeline.schema import MARKER_COLUMN
+from pipeline.schema import MARKER_COLUMN, stream_schema
 from pipeline.sources import make_image_id
 from pipeline.staging import write_staging
 
@@ -36,7 +36,7 @@ def rows(source: str, items: list[tuple], *, embeddings: bool = False) -> pa.Tab
             **({"embedding": [0.5] * 4} if embeddings else {}),
             MARKER_COLUMN: -1,
         })
-    table = pa.Table.from_pylist(out, schema=input_schema(embeddings))
+    table = pa.Table.from_pylist(out, schema=stream_schema(embeddings))
     return pa.concat_tables([table, marker(source, len(items), embeddings=embeddings)])
 
 

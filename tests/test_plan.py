@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +14,9 @@ from _digits import png_bytes
 
 from pipeline.config import JobConfig
 from pipeline.models import load_model
-from pipeline.plan import RunSummary, run
+from pipeline.plan import RunSummary, read_and_preprocess, run
 from pipeline.preprocess import decode_image
+from pipeline.schema import FORMAT_COLUMN, INPUTS, MARKER_COLUMN, MARKER_STATUS
 from pipeline.sources import write_webdataset
 from pipeline.table import list_manifests, read_table
 
@@ -51,6 +55,34 @@ def _cfg(**kw) -> JobConfig:
 def _rows(output: str) -> list[dict]:
     rows = read_table(output).to_pylist()
     return sorted(rows, key=lambda r: r["key"])
+
+
+def test_read_task_gives_every_image_one_row_then_the_marker_and_imports_no_torch(tmp_path, digit_samples):
+    """The split layout's CPU task without Ray: one input row per image, each shard ending with its marker (a
+    missing shard: the marker alone). Ray's CPU workers import its module to unpickle it: no torch there."""
+    shards, _ = digit_samples
+    inp = _write_local(tmp_path / "in", shards[:1])
+    uris = [(inp / "shard-000.tar").as_uri(), (inp / "gone.tar").as_uri()]
+    batch = {"uri": np.array(uris, dtype=object), "format": np.array(["webdataset"] * 2, dtype=object)}
+    contract = load_model("builtin:digits").contract
+    out = list(read_and_preprocess(batch, image_column="auto", key_column="auto", rows_per_batch=8,
+                                   contract=contract, max_pixels=10**6))
+    rows = [{k: b[k][i] for k in ("source", "key", "status", "error", MARKER_COLUMN, FORMAT_COLUMN)}
+            for b in out for i in range(len(b["key"]))]
+    assert [len(b["key"]) for b in out] == [8, 8, 7, 1] and all(INPUTS in b and "bytes" not in b for b in out)
+    images, mark, gone = rows[:-2], rows[-2], rows[-1]
+    assert [r["key"] for r in images] == [k for k, _ in shards[0]] and {r["source"] for r in images} == {uris[0]}
+    assert [r["status"] for r in images].count("ok") == len(images) - 2
+    assert {r["key"]: r["error"].split(":")[0] for r in images if r["status"] == "error"} == {
+        "broken": "not_an_image", "empty": "empty"}
+    assert (mark["status"], mark[MARKER_COLUMN], mark[FORMAT_COLUMN], mark["error"]) == (
+        MARKER_STATUS, len(images), "webdataset", None)
+    assert (gone["source"], gone[MARKER_COLUMN]) == (uris[1], 0) and gone["error"].startswith("shard_error: missing")
+
+    code = "import sys, pipeline.plan; print(sorted(m for m in ('torch', 'pipeline.predict') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0 and got.stdout.strip() == "[]", got.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

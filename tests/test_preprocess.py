@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline.config import ImageContract
 from pipeline.preprocess import ImageError, decode_image, load_pixels, patchify, preprocess_batch
+from pipeline.schema import INPUTS, MARKER_STATUS, image_row, marker_row, read_batch
 
 C = ImageContract(image_size=(32, 32), patch_size=8, interpolation="bilinear")
 
@@ -119,15 +120,12 @@ def test_decompression_bomb_limit():
 def test_truncated_jpeg_is_an_error_row_not_a_crash():
     noise = np.random.default_rng(1).integers(0, 255, (192, 256, 3), dtype=np.uint8)
     good = encode(Image.fromarray(noise), "JPEG")
-    batch = {
-        "image_id": np.array(["a", "b", "c", "m"], dtype=object),
-        "key": np.array(["a", "b", "c", ""], dtype=object),
-        "bytes": np.array([good, good[: len(good) // 2], good, b""], dtype=object),
-        "error": np.array([None, None, "no_image: x", None], dtype=object),
-        "shard_images": np.array([-1, -1, -1, 3]),
-    }
+    src = "file:///s.tar"
+    batch = read_batch([image_row("a", src, "a", good, None), image_row("b", src, "b", good[: len(good) // 2], None),
+                        image_row("c", src, "c", good, "no_image: x"), marker_row(src, "webdataset", 3, None)])
     out = preprocess_batch(batch, C)
-    assert list(out["status"]) == ["ok", "error", "error", "marker"]
+    assert list(out["status"]) == ["ok", "error", "error", MARKER_STATUS]
     assert out["error"][1].startswith("decode_error") and out["error"][2] == "no_image: x"
-    assert "bytes" not in out and out["inputs"].shape == (4, 16, 192)
+    assert "bytes" not in out and out[INPUTS].shape == (4, 16, 192)
+    assert list(out["shard_images"]) == [-1, -1, -1, 3] and list(out["shard_format"]) == [None] * 3 + ["webdataset"]
     assert out["width"][0] == 256 and out["width"][1] == -1

@@ -19,7 +19,7 @@ from pipeline import table
 from pipeline.commit import CommitError
 from pipeline.config import INTEGRITY_FAILED, UNTRUSTED_ROW_CODE
 from pipeline.layout import committed_shards
-from pipeline.schema import output_schema
+from pipeline.schema import MARKER_COLUMN, output_schema
 from pipeline.staging import write_staging
 from pipeline.waves import WaveCommitter
 
@@ -339,7 +339,7 @@ def test_wave_committer_tensor_columns(ray_local, tmp_path):
             "label_id": np.zeros(n, np.int64), "score": np.full(n, 0.5),
             "topk_labels": np.array([["cat", "dog"]] * n), "topk_ids": np.zeros((n, 2), np.int64),
             "topk_scores": np.full((n, 2), 0.25, np.float32), "embedding": np.ones((n, 3), np.float32),
-            "shard_images": np.full(n, -1),
+            MARKER_COLUMN: np.full(n, -1),
         }
 
     ds = ray_local.data.range(6, override_num_blocks=2).map_batches(to_numpy, batch_format="numpy")

@@ -24,6 +24,7 @@ from PIL import Image
 
 from pipeline import sources
 from pipeline.config import INTEGRITY_FAILED, UNTRUSTED_ROW_CODE
+from pipeline.schema import FORMAT_COLUMN, MARKER_COLUMN, READ_COLUMNS
 from pipeline.sources import (
     Record,
     Shard,
@@ -33,6 +34,7 @@ from pipeline.sources import (
     iter_shard,
     list_shards,
     make_image_id,
+    read_rows,
     write_image_parquet,
     write_webdataset,
 )
@@ -428,6 +430,43 @@ def test_unreadable_shards_raise_shard_error(tmp_path):
                   Shard(f"file://{tmp_path}/gone", "folder")]:
         got, err = read_until_error(shard)
         assert got == [] and isinstance(err, ShardError) and err.uri == shard.uri
+
+
+def test_read_rows_give_one_row_per_record_then_the_shard_marker(tmp_path):
+    """Read rows of a whole, a cut, a missing and an unknown-format shard: every record is one image row, in
+    batches of rows_per_batch, and the last row is the marker counting them, with the format and shard error."""
+    samples = [(f"{i:03d}", {"png": image_bytes(i)}) for i in range(5)]
+    write_webdataset(str(tmp_path / "full.tar"), samples + [("bad", {"cls": b"1"})])  # "bad": a no_image record
+    data = (tmp_path / "full.tar").read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        (tmp_path / "cut.tar").write_bytes(data[:tar.getmember("003.png").offset_data + 10])
+
+    def rows(name: str, fmt: str = "webdataset") -> tuple[list[int], list[dict]]:
+        shard = Shard(f"file://{tmp_path}/{name}", fmt)
+        batches = list(read_rows(shard, rows_per_batch=2))
+        assert all(list(b) == list(READ_COLUMNS) for b in batches), name
+        out = [{c: b[c][i] for c in READ_COLUMNS} for b in batches for i in range(len(b["key"]))]
+        assert all(r["source"] == shard.uri for r in out), name
+        return [len(b["key"]) for b in batches], out
+
+    sizes, got = rows("full.tar")
+    assert sizes == [2, 2, 2, 1]
+    *images, mark = got
+    assert [r["key"] for r in images] == [k for k, _ in samples] + ["bad"]
+    assert [r["image_id"] for r in images] == [make_image_id(images[0]["source"], r["key"]) for r in images]
+    assert [r[MARKER_COLUMN] for r in images] == [-1] * 6 and all(r[FORMAT_COLUMN] is None for r in images)
+    assert images[0]["bytes"] == image_bytes(0) and images[0]["error"] is None
+    assert images[-1]["bytes"] is None and images[-1]["error"].startswith("no_image: ")
+    assert (mark["image_id"], mark["key"], mark[MARKER_COLUMN], mark[FORMAT_COLUMN], mark["error"]) == (
+        "", "", 6, "webdataset", None)
+
+    _, got = rows("cut.tar")
+    assert [r["key"] for r in got[:-1]] == ["000", "001", "002"] and got[-1][MARKER_COLUMN] == 3
+    assert got[-1]["error"].startswith("shard_error: truncated: ")
+    for name, fmt, error in (("gone.tar", "webdataset", "shard_error: missing: "),
+                             ("full.tar", "zip", "shard_error: read_error: SourceError: shard.format: expected")):
+        sizes, got = rows(name, fmt)
+        assert sizes == [1] and got[0][MARKER_COLUMN] == 0 and got[0]["error"].startswith(error), (name, got)
 
 
 def test_tar_is_streamed_not_buffered(tmp_path):
