@@ -327,12 +327,25 @@ class ShardLabeler:
     def __init__(self, read_kwargs: dict[str, Any], predictor_kwargs: dict[str, Any]):
         from pipeline.predict import Predictor
 
+        _glibc("mallopt", -8, 2)  # M_ARENA_MAX: the threads that come and go share two malloc arenas
         self.read_kwargs = read_kwargs
         self.predictor = Predictor(**predictor_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[Any]:
         for rows in _prefetched(read_and_preprocess(batch, **self.read_kwargs)):
             yield self.predictor(rows)
+        _glibc("malloc_trim", 0)  # hand the freed pages of this shard back
+
+
+def _glibc(name: str, *args: int) -> None:
+    """Call a glibc malloc tuning function where there is one (Linux); elsewhere nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)(*args)
+    except (OSError, AttributeError):
+        pass
 
 
 def _prefetched(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
