@@ -10,7 +10,6 @@ by the head test for its re-run, which must be on a fresh cluster).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
@@ -176,7 +175,6 @@ def test_a_worker_node_dies_mid_run(own_cluster, tmp_path, pngs):
     try:
         wait_for_commits(proc, out, 1)
         killed = own_cluster.host.call(op="kill", worker=0, busy="ShardLabeler")
-        killed_at = dt.datetime.now(dt.UTC)
     finally:
         stdout, stderr = finish(proc)
     assert killed["busy"], "worker node 0 had no actor labelling a shard when it died"
@@ -185,13 +183,13 @@ def test_a_worker_node_dies_mid_run(own_cluster, tmp_path, pngs):
     lost = [own_cluster.host.workers[0]]
     assert summary["nodes_lost"] == lost and summary["images"] == len(ids) == 800 and summary["error"] == 0
     manifests = list_manifests(out)
-    after = [m for m in manifests if dt.datetime.fromisoformat(m["committed_at"]) > killed_at]
     assert len(manifests) == 4 and manifests[0]["stats"]["nodes_lost"] == []  # committed before the loss
-    # Every manifest names the node or nothing (committed before the loss was seen); every one committed after
-    # the kill returned names it. (The waves left may all commit while the kill is still being carried out: the
-    # summary, read at the end, always names it.)
+    # Every manifest names the node or nothing, and once one names it every later one does: a commit made after
+    # the kill but before Ray's GCS has declared the node dead (its health checks take a few seconds) names
+    # nothing yet; the summary, read at the end, always names it.
     assert all(m["stats"]["nodes_lost"] in ([], lost) for m in manifests), [m["stats"] for m in manifests]
-    assert all(m["stats"]["nodes_lost"] == lost for m in after), [m["stats"] for m in manifests]
+    named = [m["stats"]["nodes_lost"] == lost for m in manifests]  # in commit order
+    assert named == sorted(named), [(m["committed_at"], m["stats"]["nodes_lost"]) for m in manifests]
     assert_exactly_once(out, ids)
 
 
