@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import math
 import os
@@ -337,15 +338,23 @@ class ShardLabeler:
         _glibc("malloc_trim", 0)  # hand the freed pages of this shard back
 
 
-def _glibc(name: str, *args: int) -> None:
-    """Call a glibc malloc tuning function where there is one (Linux); elsewhere nothing."""
+@functools.cache
+def _libc() -> Any:
+    """The C library, loaded once per process (`find_library` runs ldconfig: not once per shard); None if absent."""
     import ctypes
     import ctypes.util
 
     try:
-        getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)(*args)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _glibc(name: str, *args: int) -> None:
+    """Call a glibc malloc tuning function where there is one (Linux); elsewhere nothing."""
+    fn = getattr(_libc(), name, None)
+    if fn is not None:
+        fn(*args)
 
 
 def _prefetched(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
