@@ -10,7 +10,10 @@ VARIANT_NAMES = {"e2e_local": "end-to-end, local shards", "e2e_s3": "end-to-end,
                  "e2e_default": "end-to-end, run's defaults",
                  "ray_docs": "Ray docs pattern (transformers pipeline)", "plain_loop": "plain transformers loop"}
 RATIO_NOTES = {
-    "e2e_vs_model_bound": "target >= 0.85 (largest e2e run, wall clock)",
+    "e2e_vs_model_bound": "target >= 0.85 (the job layout's largest e2e run, wall clock)",
+    "default_e2e_vs_its_model_bound": "(largest default-layout run; its actors decode on the model's CPUs)",
+    "default_ceiling_with_decode": "(the most it can reach: 1/(1/model + 1/decode) per actor, over model alone)",
+    "default_e2e_vs_its_ceiling": "(the default layout against that ceiling)",
     "e2e_compare_size_vs_model_bound": "(side-by-side size, start-up included)",
     "e2e_vs_ray_docs": "(same images, layout, model, dtype, batch: both bound by one model thread)",
     "run_vs_best_ray_docs": "target >= 1.5 (run's defaults vs the docs' code in its best layout measured)",
@@ -87,6 +90,14 @@ def format_table(r: dict[str, Any]) -> str:
         lines += ["", f"wave cost: {w['shards']} shards x {w['images_per_shard']} images, e2e seconds with "
                       f"--wave-shards 2: {_f(w['wave_shards_2']['seconds'])} ({w['wave_shards_2']['commits']} "
                       f"commits), 0: {_f(w['wave_shards_0']['seconds'])} (1 commit); ratio {_f(w['ratio'], 3)}"]
+        if len(w.get("pairs", [])) > 1:
+            lines.append(f"  the median of {len(w['pairs'])} pairs (0 then 2, alternating): " + ", ".join(
+                f"{_f(p['wave_shards_2']['seconds'])}/{_f(p['wave_shards_0']['seconds'])} = {_f(p['ratio'], 3)}"
+                for p in w["pairs"]))
+    if r.get("job_scale"):
+        j = r["job_scale"]
+        lines += ["", f"job layout at {j['images']:,} images (the model-only target's run): {_f(j['seconds'])} s, "
+                      f"{_f(j['images_per_s'])} images/s, peak PSS {_f(j['peak_pss_mb'], 0)} MB"]
     lines += ["", "ratios:"]
     for k, x in ra.items():
         lines.append(f"  {k:<40}{_f(x, 3):>8}   {RATIO_NOTES.get(k, '')}".rstrip())

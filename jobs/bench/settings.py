@@ -13,10 +13,10 @@ FAMILIES = {"vit": "vit", "resnet50": "resnet", "mobilenetv2": "mobilenetv2", "d
 FAMILY_ALIASES = {"resnet-50": "resnet50", "resnet": "resnet50", "mobilenet_v2": "mobilenetv2",
                   "dinov2-s14": "dinov2", "siglip-b16": "siglip"}
 DEFAULTS = {"sizes": "1000,3000,20000,50000", "compare_size": 3000, "unique_images": 2000, "shard_images": 250,
-            "seconds": 8.0, "wave_corpus": "40x25", "loop_sizes": "20000", "family_seconds": 60.0}
+            "seconds": 8.0, "wave_corpus": "40x25", "wave_repeats": 3, "loop_sizes": "20000", "family_seconds": 60.0}
 QUICK = {"sizes": "150,300", "compare_size": 300, "unique_images": 100, "shard_images": 50, "seconds": 2.0,
-         "wave_corpus": "8x6", "loop_sizes": "", "family_seconds": 5.0}
-SKIPPABLE = ("s3", "ray-docs", "plain-loop", "scaling", "all-cpus", "bound-again", "waves")
+         "wave_corpus": "8x6", "wave_repeats": 1, "loop_sizes": "", "family_seconds": 5.0}
+SKIPPABLE = ("s3", "ray-docs", "plain-loop", "scaling", "job-scale", "all-cpus", "bound-again", "waves")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wave-corpus", help="SHARDSxIMAGES of the wave-cost runs (--wave-shards 2 against 0); with "
                                          "IMAGES = --shard-images the 0 run is the default-layout run at that size, "
                                          f"run once (default: {DEFAULTS['wave_corpus']})")
+    p.add_argument("--wave-repeats", type=int, help="pairs of wave-cost runs (0 then 2, alternating); the ratio is "
+                                                    f"their median (default: {DEFAULTS['wave_repeats']}; quick: 1)")
     p.add_argument("--unique-images", type=int, help=f"distinct photos in the pool (default: "
                                                      f"{DEFAULTS['unique_images']})")
     p.add_argument("--shard-images", type=int, help=f"images per WebDataset shard (default: "
@@ -61,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocess-cpus", type=float, help="Ray CPUs per preprocessing task (default: 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (our variants)")
     p.add_argument("--skip", default="", help=f"comma list of what to skip: {', '.join(SKIPPABLE)} (all-cpus: the "
-                                              "second layout; bound-again: the repeated bound; waves: the wave cost)")
+                                              "second layout; bound-again: the repeated bound; waves: the wave cost; "
+                                              "job-scale: the job layout's "
+                                              "run at the largest loop size)")
     p.add_argument("--seed", type=int, default=0, help="corpus and weights seed (default: %(default)s)")
 
 
@@ -90,6 +94,7 @@ class Settings:
     loop_sizes: list[int]  # sizes where `vitlabel run` meets the plain loop: compare_size first
     wave_shards_total: int  # the wave-cost corpus: this many shards ...
     wave_shard_images: int  # ... of this many images
+    wave_repeats: int  # pairs of wave-cost runs; the ratio is their median
     unique_images: int
     shard_images: int
     seconds: float
@@ -208,6 +213,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         compare_size=compare,
         loop_sizes=[compare] + [n for n in _ints("--loop-sizes", extra_loop) if n > 0 and n != compare],
         wave_shards_total=int(wave[0]), wave_shard_images=int(wave[1]),
+        wave_repeats=max(1, args.wave_repeats or int(d["wave_repeats"])),
         unique_images=args.unique_images or int(d["unique_images"]),
         shard_images=args.shard_images or int(d["shard_images"]),
         seconds=args.seconds or float(d["seconds"]),

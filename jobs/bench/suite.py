@@ -119,6 +119,7 @@ def _suite(s: Settings, result: dict[str, Any], corpus: Any, scratch: Any) -> No
     bounds = {r["layout"]: r["images_per_s"] for r in rows}
     result["model_only"] = {"bound_images_per_s": bounds[s.layout.name], "layouts": rows,
                             "default_bound_images_per_s": bounds[s.default_layout.name],
+                            "default_layout": s.default_layout.name, "default_actors": s.default_layout.actors,
                             "all_cpus_images_per_s": max(bounds.values())}
     scaling: list[dict[str, Any]] = []
     if "scaling" not in s.skip:
@@ -129,6 +130,10 @@ def _suite(s: Settings, result: dict[str, Any], corpus: Any, scratch: Any) -> No
             mem = row["peak_pss_mb"] if row["peak_pss_mb"] is not None else row["peak_rss_mb"]
             row["mb_per_1k_images"] = round(mem / row["images"] * 1000, 2) if mem is not None else None
             scaling.append(row)
+    if "job-scale" not in s.skip and s.default_layout is not s.layout:
+        # the job layout (decoding on its own CPUs, the model on its own) at the largest loop size: the
+        # model-only target's run (the default layout's actors decode on the model's CPUs: see ratios)
+        result["job_scale"] = e2e_at(max(s.loop_sizes), s.layout)
     result["variants"] = variants
     result["run_vs_plain_loop"] = loops
     result["scaling"] = scaling
@@ -152,15 +157,24 @@ def wave_cost(s: Settings, spec: ModelSpec, corpus: Any, scratch: Any,
     run at that many images: `e2e_at` (the suite's, which runs each job once) gives it."""
     n = s.wave_shards_total * s.wave_shard_images
     shards = corpus.shards(n, per_shard=s.wave_shard_images)
-    out: dict[str, Any] = {"shards": s.wave_shards_total, "images_per_shard": s.wave_shard_images}
-    for waves in (0, 2):
-        log.info("bench: waves: %d shards with --wave-shards %d", s.wave_shards_total, waves)
-        if waves == 0 and e2e_at is not None and s.wave_shard_images == corpus.shard_images:
-            out["wave_shards_0"] = e2e_at(n, None)
-            continue
-        out[f"wave_shards_{waves}"] = in_job_process(e2e_job, s, None, spec, str(shards),
-                                                     str(scratch / f"waves-{waves}"), waves)
-    out["ratio"] = _div(out["wave_shards_2"]["seconds"], out["wave_shards_0"]["seconds"])
+    out: dict[str, Any] = {"shards": s.wave_shards_total, "images_per_shard": s.wave_shard_images, "pairs": []}
+    for rep in range(s.wave_repeats):
+        pair: dict[str, Any] = {}
+        for waves in (0, 2):
+            log.info("bench: waves: %d shards with --wave-shards %d (pair %d/%d)", s.wave_shards_total, waves,
+                     rep + 1, s.wave_repeats)
+            if rep == 0 and waves == 0 and e2e_at is not None and s.wave_shard_images == corpus.shard_images:
+                pair["wave_shards_0"] = e2e_at(n, None)
+                continue
+            dest = scratch / f"waves-{waves}"
+            shutil.rmtree(dest, ignore_errors=True)  # a fresh table: every shard pending
+            pair[f"wave_shards_{waves}"] = in_job_process(e2e_job, s, None, spec, str(shards), str(dest), waves)
+        pair["ratio"] = _div(pair["wave_shards_2"]["seconds"], pair["wave_shards_0"]["seconds"])
+        out["pairs"].append(pair)
+    # one pair of ~10 s runs moves by +-10% on a shared 2-core machine; the median pair is the figure
+    ranked = sorted((p for p in out["pairs"] if p["ratio"] is not None), key=lambda p: p["ratio"])
+    median = ranked[len(ranked) // 2] if ranked else out["pairs"][0]  # of two: the higher (worse)
+    out.update(wave_shards_0=median["wave_shards_0"], wave_shards_2=median["wave_shards_2"], ratio=median["ratio"])
     return out
 
 
@@ -176,11 +190,16 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
         return v[key]["images_per_s"] if key in v else None
 
     e2e, bound = ips("e2e_local"), mo["bound_images_per_s"]
+    sc, job_scale = r["scaling"], r.get("job_scale")
+    default_is_job = mo.get("default_layout") == "job"  # GPUs: the default layout is the job layout
+    # The target's ratio: the job layout (decode tasks on their own CPUs, the model on its own) at its largest
+    # run against its bound; where the default layout is the job layout (GPUs), the largest scaling run.
+    if job_scale:
+        target_e2e = job_scale["images_per_s"]
+    else:
+        target_e2e = sc[-1]["images_per_s"] if sc and default_is_job else e2e
     out: dict[str, float | None] = {
-        # the target's ratio: the largest e2e job (default layout, start-up a few seconds of many minutes) against
-        # its layout's bound; else the side-by-side one (job layout) against the job layout's bound
-        "e2e_vs_model_bound": (_div(r["scaling"][-1]["images_per_s"], mo["default_bound_images_per_s"])
-                               if r["scaling"] else _div(e2e, bound)),
+        "e2e_vs_model_bound": _div(target_e2e, bound),
         "e2e_compare_size_vs_model_bound": _div(e2e, bound),
         "e2e_vs_model_all_cpus": _div(e2e, mo["all_cpus_images_per_s"]),
         "e2e_s3_vs_model_bound": _div(ips("e2e_s3"), bound),
@@ -202,8 +221,18 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
         docs = [x["images_per_s"] for k, x in v.items() if k.startswith("ray_docs")]
         best = max(x["images_per_s"] for k, x in v.items() if k.startswith("e2e_local"))
         out["best_e2e_vs_best_ray_docs"] = _div(best, max(docs)) if docs else None
-    sc = r["scaling"]
     if sc:
+        # The default CPU layout's actors decode on the model's own CPUs, so its model-only bound is out of reach
+        # by decoding's share: per actor, 1 / (1/model + 1/decode) images/s at best.
+        d_bound = mo["default_bound_images_per_s"]
+        out["default_e2e_vs_its_model_bound"] = _div(sc[-1]["images_per_s"], d_bound)
+        decode = r.get("decode", {}).get("images_per_s_per_core")
+        actors = mo.get("default_actors")
+        if decode and actors and not default_is_job:
+            per_actor = d_bound / actors
+            out["default_ceiling_with_decode"] = _div(1.0 / (1.0 / per_actor + 1.0 / decode), per_actor)
+            out["default_e2e_vs_its_ceiling"] = _div(out["default_e2e_vs_its_model_bound"],
+                                                     out["default_ceiling_with_decode"])
         out["seconds_per_image_growth"] = _div(sc[-1]["seconds_per_1k"], sc[0]["seconds_per_1k"])
         key = "peak_pss_mb" if sc[-1]["peak_pss_mb"] is not None else "peak_rss_mb"
         out["peak_memory_growth"] = _div(sc[-1][key], sc[0][key])
@@ -217,7 +246,7 @@ def targets(r: dict[str, Any]) -> dict[str, bool | None]:
     def at_least(x: float | None, t: float) -> bool | None:
         return None if x is None else x >= t
 
-    out = {"e2e >= 0.85 x model-only bound": at_least(ra["e2e_vs_model_bound"], 0.85),
+    out = {"e2e >= 0.85 x model-only bound (job layout)": at_least(ra["e2e_vs_model_bound"], 0.85),
            "vitlabel run >= 1.5 x Ray docs pattern (its best layout)": at_least(ra.get("run_vs_best_ray_docs"), 1.5),
            "peak memory flat (<= 1.25x from smallest to largest)": (
                None if ra.get("peak_memory_growth") is None else ra["peak_memory_growth"] <= 1.25)}
