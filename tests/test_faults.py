@@ -116,7 +116,7 @@ def test_predictor_actor_killed_three_times(ray_local, tmp_path, pngs, layout, a
 @pytest.mark.slow
 def test_preprocessing_worker_killed(ray_local, tmp_path, pngs):
     ids = write_shards(str(tmp_path / "in"), pngs, shards=6, per=300)
-    is_reader = lambda cmd: "Predictor" not in cmd and ("preprocess" in cmd or "read_shards" in cmd)
+    is_reader = lambda cmd: "Predictor" not in cmd and "read_and_preprocess" in cmd  # Ray titles the task by its UDF
     killer = Killer(is_reader, times=2, after_s=0.3)
     killer.start()
     try:
