@@ -82,7 +82,7 @@ def test_few_shot_digits_end_to_end(ray_local, tmp_path, digits, where, request)
         write_webdataset(f"{input_url}/shard-{k}.tar", s)
 
     cfg = JobConfig(input=input_url, output=output, examples=examples_url, progress=False, batch_size=16,
-                    preprocess_batch_size=16)
+                    preprocess_batch_size=16, dtype="float32")  # the fp32 reference's dtype: `auto` is bf16 on AMX CPUs
     _, model = resolve(cfg)
     labels, protos = plain_prototypes(examples)
     assert model.head.kind == "few-shot" and list(model.head.labels) == labels

@@ -407,8 +407,9 @@ def test_pipeline_matches_plain_loop(ray_local, tmp_path):
     (tmp_path / "in").mkdir()
     write_webdataset(str(tmp_path / "in" / "shard-000.tar"), samples)
 
+    # dtype as the fp32 reference's: `auto` is bf16 on AMX CPUs
     run(JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=str(tmp_path / "model"),
-                  progress=False, batch_size=4, preprocess_batch_size=4))
+                  progress=False, batch_size=4, preprocess_batch_size=4, dtype="float32"))
     rows = {r["key"]: r for r in read_table(str(tmp_path / "out")).to_pylist()}
 
     bundle = load_model(str(tmp_path / "model"))

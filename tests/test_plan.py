@@ -49,6 +49,7 @@ def _write_local(root: Path, shards) -> Path:
 
 
 def _cfg(**kw) -> JobConfig:
+    kw.setdefault("dtype", "float32")  # the plain-loop checks compare with fp32: `auto` is bf16 on AMX CPUs
     return JobConfig(model="builtin:digits", progress=False, batch_size=16, preprocess_batch_size=16, **kw)
 
 
