@@ -110,9 +110,9 @@ def test_every_figure_is_present_and_sane(suite):
             assert (run["wave_shards"], run["commits"]) == (waves, commits)
         assert pair["ratio"] == round(pair["wave_shards_2"]["seconds"] / pair["wave_shards_0"]["seconds"], 3)
     assert w["pairs"][0]["wave_shards_2"] != w["pairs"][1]["wave_shards_2"]  # two runs, not one reused
-    worse = max(w["pairs"], key=lambda p: p["ratio"])  # the median of two is the higher ratio
-    assert (w["ratio"], w["wave_shards_0"], w["wave_shards_2"]) == (worse["ratio"], worse["wave_shards_0"],
-                                                                   worse["wave_shards_2"])
+    assert w["ratio"] == max(p["ratio"] for p in w["pairs"])  # the median of two is the higher ratio
+    assert any((w["wave_shards_0"], w["wave_shards_2"]) == (p["wave_shards_0"], p["wave_shards_2"])
+               for p in w["pairs"] if p["ratio"] == w["ratio"])  # ... with that pair's runs
     if cpu:  # the model-only target's run: the job layout at the largest loop size (here the compare size, reused)
         assert r["job_scale"] == r["variants"]["e2e_local"] and "the model-only target's run" in stdout
         assert r["ratios"]["e2e_vs_model_bound"] == round(r["job_scale"]["images_per_s"] / mo["bound_images_per_s"], 3)
