@@ -223,14 +223,15 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
         out["best_e2e_vs_best_ray_docs"] = _div(best, max(docs)) if docs else None
     if sc:
         # The default CPU layout's actors decode on the model's own CPUs, so its model-only bound is out of reach
-        # by decoding's share: per actor, 1 / (1/model + 1/decode) images/s at best.
+        # by decoding's share: per actor, 1 / (1/model + 1/decode) images/s at best, i.e. a fraction
+        # decode / (model + decode) of the model alone.
         d_bound = mo["default_bound_images_per_s"]
         out["default_e2e_vs_its_model_bound"] = _div(sc[-1]["images_per_s"], d_bound)
         decode = r.get("decode", {}).get("images_per_s_per_core")
         actors = mo.get("default_actors")
         if decode and actors and not default_is_job:
             per_actor = d_bound / actors
-            out["default_ceiling_with_decode"] = _div(1.0 / (1.0 / per_actor + 1.0 / decode), per_actor)
+            out["default_ceiling_with_decode"] = _div(decode, per_actor + decode)
             out["default_e2e_vs_its_ceiling"] = _div(out["default_e2e_vs_its_model_bound"],
                                                      out["default_ceiling_with_decode"])
         out["seconds_per_image_growth"] = _div(sc[-1]["seconds_per_1k"], sc[0]["seconds_per_1k"])
