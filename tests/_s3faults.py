@@ -6,7 +6,8 @@ test process or from a Ray worker, goes through the same server, so the pipeline
 s3fs) and error paths are what is exercised. Rules are checked in order; a rule with `times=None` never
 runs out; a rule with `probability` < 1 fails that share of the requests it matches (a seeded RNG: `seed`).
 
-Two kinds of fault:
+Three kinds of fault:
+- `delay_s`: the request waits that long, then moto serves it as usual (a slow S3, not a failing one);
 - an S3 error response (`status`, `code`: SlowDown 503, InternalError 500, AccessDenied 403, ...), served
   before moto sees the request, so it has no effect;
 - `drop=True`: moto serves the request (a PUT takes effect), then the client gets the status line, the
@@ -22,6 +23,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,11 +44,14 @@ class Rule:
     times: int | None  # None: forever
     probability: float = 1.0  # share of the matching requests that fail
     drop: bool = False  # reset the connection mid-body instead of answering with an error
+    delay_s: float = 0.0  # > 0: wait this long, then serve the request (no error)
     hits: int = 0
     seen: list[str] = field(default_factory=list)  # "METHOD /path" of each failed request
 
     @property
     def kind(self) -> str:
+        if self.delay_s:
+            return f"delayed {self.delay_s:g} s"
         return "reset mid-body" if self.drop else f"{self.status} {self.code}"
 
 
@@ -60,10 +65,13 @@ class S3Faults:
         self.requests: Counter[str] = Counter()  # every request served (failed or not), by method
 
     def add(self, path: str = ".*", *, methods: tuple[str, ...] | None = None, status: int = 503,
-            code: str = "SlowDown", times: int | None = 1, probability: float = 1.0, drop: bool = False) -> Rule:
+            code: str = "SlowDown", times: int | None = 1, probability: float = 1.0, drop: bool = False,
+            delay_s: float = 0.0) -> Rule:
         if not 0 < probability <= 1:
             raise ValueError(f"probability: expected 0 < p <= 1, got {probability}")
-        rule = Rule(re.compile(path), methods, status, code, times, probability, drop)
+        if delay_s < 0 or (delay_s and drop):
+            raise ValueError(f"delay_s: expected >= 0 and not with drop, got {delay_s}")
+        rule = Rule(re.compile(path), methods, status, code, times, probability, drop, delay_s)
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -110,6 +118,9 @@ class FaultyApp:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         rule = self.faults.match(method, path)
         if rule is None:
+            return self.app(environ, start_response)
+        if rule.delay_s:
+            time.sleep(rule.delay_s)  # werkzeug serves each request on a thread of its own: only this one waits
             return self.app(environ, start_response)
         if rule.drop:
             return self._cut(environ, start_response)

@@ -45,6 +45,7 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 PER_SOURCE_SQL = "SELECT source, count(*) AS n, count(DISTINCT image_id) AS d FROM predictions GROUP BY source"
 READ_PAUSE_S = 0.5  # a poller, not a load test (with no pause, 8 readers on 2 cores starve the nightly)
+COMMIT_DELAY_S = 1.0  # per manifest PUT: 10 commits span >= 10 s, 20 reader pauses
 IDLE_PAUSE_S = 2.0  # while the table is still empty: 8 readers polling an empty table every 0.5 s held the
 # nightly's start back (on 2 cores most of the test's time went to reads before the first commit)
 
@@ -84,13 +85,19 @@ while not os.path.exists(stop):
 
 
 @pytest.mark.slow
-def test_readers_see_only_whole_commits(ray_local, s3, pngs, tmp_path):
+def test_readers_see_only_whole_commits(ray_local, s3_faults, pngs, tmp_path):
     """8 readers (4 `vitlabel query`, 4 `read_table`, each a process of its own) poll the table while a nightly
     (a driver process of its own, on the session's Ray) commits 10 waves of one shard. Every read is the rows of
     the first k committed manifests (in commit order) for some k: shards of distinct sizes, so a read that held
-    part of a commit, or a later commit without an earlier one, cannot match."""
+    part of a commit, or a later commit without an earlier one, cannot match.
+
+    The S3 server answers each manifest PUT (the commit point) after COMMIT_DELAY_S: a slow store. Without it
+    the rolling commits of 10 small waves of the digits model can all land within one reader's pause (a CI run
+    saw the table at only 2 of the 9 in-between states), and "the readers saw the table grow" would be luck."""
     inp, out = "s3://test-bucket/in/", "s3://test-bucket/out"
     ids = write_shards(inp, pngs, shards=10, per=[12 + 5 * n for n in range(10)])  # a size of its own per shard
+    slow_commits = s3_faults.add(r"^/test-bucket/out/_manifests/", methods=("PUT",), delay_s=COMMIT_DELAY_S,
+                                 times=None)
     stop = tmp_path / "stop"
     readers = [subprocess.Popen([sys.executable, "-c", READER, kind, out, str(stop), str(READ_PAUSE_S),
                                  str(IDLE_PAUSE_S), PER_SOURCE_SQL], cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE,
@@ -140,6 +147,7 @@ def test_readers_see_only_whole_commits(ray_local, s3, pngs, tmp_path):
           f"(per reader: {n_reads}, 4 query then 4 read_table); reads per number of commits seen: "
           f"{dict(sorted(seen.items()))}; {len(ids)} images checked, 0 lost, 0 duplicated")
     assert min(n_reads) >= 2 and sum(n_reads) >= 40, n_reads
+    assert slow_commits.hits >= len(manifests), slow_commits.seen  # every commit went through the slow PUT
     assert sum(1 for k in seen if 0 < k < len(manifests)) >= 3, seen  # the readers did see the table grow
 
 
