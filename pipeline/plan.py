@@ -101,6 +101,7 @@ class RunSummary:
     manifests: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     nodes_lost: list[str] = field(default_factory=list)  # Ray node ids alive at the start, dead at the end
+    actor_time: dict[str, Any] | None = None  # the model actors' time in their UDF (`model_actor_time`)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -117,6 +118,7 @@ class RunSummary:
             "shard_error_list": {u: s["error"] for m in self.manifests for u, s in m["shards"].items() if s["error"]},
             "shards_to_retry": [u for m in self.manifests for u, s in m["shards"].items() if not s.get("done", True)],
             "nodes_lost": self.nodes_lost,
+            "actor_time": self.actor_time,
         }
 
 
@@ -489,7 +491,35 @@ def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None)
     committer.finish()
     summary.nodes_lost = nodes.lost()
     summary.seconds = time.perf_counter() - t0
+    summary.actor_time = model_actor_time(ds, layout, cfg, summary.seconds)
     return summary
+
+
+def model_actor_time(ds: Any, layout: str, cfg: JobConfig, run_seconds: float) -> dict[str, Any] | None:
+    """How the model actors spent the run, from Ray Data's own stats of this execution: the seconds their UDF
+    ran (wall, summed over calls), the CPU seconds it got, the rows it labelled, and so
+    - busy: UDF wall / (actors x run seconds): the share of the run the actors were labelling (not waiting
+      for input): near 1 means the model, not the pipeline, sets the pace;
+    - cpu_per_wall: UDF CPU / UDF wall, per thread of the actor: below 1 the actor's threads waited for a CPU
+      (or for the fused layout's decoder) while inside the UDF.
+    In the fused layout the UDF also reads and decodes (in a thread beside the model). None if Ray's stats do
+    not have it; this never fails a run."""
+    name = "ShardLabeler" if layout == "fused" else "Predictor"
+    try:
+        ops = [op for op in ds.get_stats_summary().operators_stats if name in op.operator_name]
+        if not ops or ops[-1].wall_time is None:
+            return None
+        op = ops[-1]
+        actors = fused_actors(cfg) if layout == "fused" else cfg.max_actors
+        wall, cpu = float(op.wall_time.sum), float(op.cpu_time.sum) if op.cpu_time is not None else float("nan")
+        threads = max(1, actor_threads(cfg))
+        return {"operator": op.operator_name, "actors": actors, "calls": int(op.wall_time.count),
+                "udf_wall_s": round(wall, 3), "udf_cpu_s": round(cpu, 3),
+                "busy": round(wall / (actors * run_seconds), 3) if run_seconds > 0 else None,
+                "cpu_per_wall": round(cpu / wall / threads, 3) if wall > 0 and math.isfinite(cpu) else None}
+    except Exception as e:  # noqa: BLE001 - telemetry: Ray's stats API moves between versions
+        log.debug("no actor time from Ray Data's stats: %s", e)
+        return None
 
 
 def _failed(cfg: JobConfig, committer: WaveCommitter, e: BaseException | str) -> RunFailed:

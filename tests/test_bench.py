@@ -116,6 +116,15 @@ def test_every_figure_is_present_and_sane(suite):
     if cpu:  # the model-only target's run: the job layout at the largest loop size (here the compare size, reused)
         assert r["job_scale"] == r["variants"]["e2e_local"] and "the model-only target's run" in stdout
         assert r["ratios"]["e2e_vs_model_bound"] == round(r["job_scale"]["images_per_s"] / mo["bound_images_per_s"], 3)
+        # ... and the same run seen from its own actors (Ray Data's stats of that execution)
+        at, ra = r["job_scale"]["actor_time"], r["ratios"]
+        assert at["operator"] == "MapBatches(Predictor)" and at["actors"] == 1 and at["calls"] >= 1
+        assert 0 < at["udf_cpu_s"] and 0 < at["udf_wall_s"] < r["job_scale"]["seconds"]
+        assert ra["target_run_actor_busy"] == at["busy"]
+        assert at["busy"] == pytest.approx(at["udf_wall_s"] / r["job_scale"]["seconds"], abs=2e-3)
+        assert 0 < ra["target_run_actor_busy"] < 1 and 0 < ra["target_run_actor_cpu_per_wall"] <= 1.5
+        model_rate = round(r["job_scale"]["images"] / at["udf_wall_s"], 2)
+        assert ra["target_run_model_in_job_vs_bound"] == round(model_rate / mo["bound_images_per_s"], 3)
     for key in ("e2e_vs_model_bound", "e2e_compare_size_vs_model_bound", "e2e_vs_model_all_cpus",
                 "e2e_s3_vs_model_bound", "e2e_vs_ray_docs", "run_vs_best_ray_docs", "e2e_vs_plain_loop",
                 "run_vs_plain_loop", "wave_cost", "seconds_per_image_growth", "peak_memory_growth",

@@ -111,6 +111,9 @@ def test_predictor_actor_killed_three_times(ray_local, tmp_path, pngs, layout, a
     assert summary.counts["images"] == len(ids) == 6000 and summary.counts["error"] == 0
     assert len(summary.manifests) == 4 and {m["stats"]["layout"] for m in summary.manifests} == {layout}
     assert_exactly_once(str(tmp_path / "out"), ids)
+    at = summary.actor_time  # the model actors' time from Ray Data's stats, in the summary `vitlabel run` prints
+    assert at["operator"] == f"MapBatches({actor})" and at["calls"] >= 1 and at["udf_wall_s"] > 0
+    assert 0 < at["busy"] and at["actors"] >= 1 and summary.to_dict()["actor_time"] == at
 
 
 @pytest.mark.slow

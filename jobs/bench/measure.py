@@ -134,4 +134,18 @@ def e2e_job(s: Settings, lay: Layout | None, spec: ModelSpec, input_url: str, ou
     n = d["images"]
     return {"layout": lay.name if lay else "default", "plan_layout": stats.get("layout", "split"), "images": n,
             "seconds": d["seconds"], "images_per_s": rate(n, d["seconds"]), "wall_seconds": round(wall, 3),
-            "wall_images_per_s": rate(n, wall), "commits": len(d["commits"]), "wave_shards": wave_shards}
+            "wall_images_per_s": rate(n, wall), "commits": len(d["commits"]), "wave_shards": wave_shards,
+            "actor_time": d.get("actor_time")}
+
+
+def in_job_model(run: dict[str, Any], bound: float | None) -> dict[str, float | None]:
+    """What a run's own model actors say (`pipeline.plan.model_actor_time`), measured inside the run and so at
+    the same moments as its wall time: the share of the run they were busy labelling, the CPU their UDF got per
+    second of it, and the model's images/s while busy (images / (UDF seconds / actors)) against the isolated
+    model-only `bound`. e2e / bound is about busy x model_vs_bound: the pipeline's share of a miss is 1 - busy;
+    the rest is the model running slower inside the job than alone (contention, or the machine's own drift)."""
+    at = run.get("actor_time") or {}
+    wall, actors = at.get("udf_wall_s"), at.get("actors")
+    rate_busy = round(run["images"] / (wall / actors), 2) if wall and actors else None
+    return {"busy": at.get("busy"), "cpu_per_wall": at.get("cpu_per_wall"), "model_images_per_s": rate_busy,
+            "model_vs_bound": round(rate_busy / bound, 3) if rate_busy and bound else None}

@@ -11,6 +11,9 @@ VARIANT_NAMES = {"e2e_local": "end-to-end, local shards", "e2e_s3": "end-to-end,
                  "ray_docs": "Ray docs pattern (transformers pipeline)", "plain_loop": "plain transformers loop"}
 RATIO_NOTES = {
     "e2e_vs_model_bound": "target >= 0.85 (the job layout's largest e2e run, wall clock)",
+    "target_run_actor_busy": "(that run's actors: share of its seconds inside their UDF, Ray Data's stats)",
+    "target_run_actor_cpu_per_wall": "(CPU seconds per UDF second per torch thread: < 1, they waited for a CPU)",
+    "target_run_model_in_job_vs_bound": "(the model's images/s while busy in that run, over the isolated bound)",
     "default_e2e_vs_its_model_bound": "(largest default-layout run; its actors decode on the model's CPUs)",
     "default_ceiling_with_decode": "(the most it can reach: 1/(1/model + 1/decode) per actor, over model alone)",
     "default_e2e_vs_its_ceiling": "(the default layout against that ceiling)",

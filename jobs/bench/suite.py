@@ -23,7 +23,7 @@ import numpy as np
 from jobs.bench.corpus import upload
 from jobs.bench.families import ensure_checkpoint
 from jobs.bench.harness import bench_session, in_job_process
-from jobs.bench.measure import ModelSpec, e2e_job, measure_decode, model_inputs, model_only_job
+from jobs.bench.measure import ModelSpec, e2e_job, in_job_model, measure_decode, model_inputs, model_only_job
 from jobs.bench.peers import measure_docs_decode, plain_loop_job, ray_docs_job
 from jobs.bench.s3server import moto_server
 from jobs.bench.settings import Layout, Settings
@@ -195,9 +195,10 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
     # The target's ratio: the job layout (decode tasks on their own CPUs, the model on its own) at its largest
     # run against its bound; where the default layout is the job layout (GPUs), the largest scaling run.
     if job_scale:
-        target_e2e = job_scale["images_per_s"]
+        target_run = job_scale
     else:
-        target_e2e = sc[-1]["images_per_s"] if sc and default_is_job else e2e
+        target_run = sc[-1] if sc and default_is_job else v.get("e2e_local")
+    target_e2e = target_run["images_per_s"] if target_run else None
     out: dict[str, float | None] = {
         "e2e_vs_model_bound": _div(target_e2e, bound),
         "e2e_compare_size_vs_model_bound": _div(e2e, bound),
@@ -210,6 +211,11 @@ def ratios(r: dict[str, Any]) -> dict[str, float | None]:
                                                               if k.startswith("ray_docs")), default=None)),
         "e2e_vs_plain_loop": _div(e2e, ips("plain_loop")),
     }
+    if target_run:  # the same run seen from its own actors: busy share, and the model's rate while busy
+        inside = in_job_model(target_run, bound)
+        out["target_run_actor_busy"] = inside["busy"]
+        out["target_run_actor_cpu_per_wall"] = inside["cpu_per_wall"]
+        out["target_run_model_in_job_vs_bound"] = inside["model_vs_bound"]
     for row in r["run_vs_plain_loop"]:
         first = row is r["run_vs_plain_loop"][0]  # the compare size
         out["run_vs_plain_loop" if first else f"run_vs_plain_loop_{row['images']}"] = row["ratio"]
