@@ -497,9 +497,10 @@ def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None)
 
 def model_actor_time(ds: Any, layout: str, cfg: JobConfig, run_seconds: float) -> dict[str, Any] | None:
     """How the model actors spent the run, from Ray Data's own stats of this execution: the seconds their UDF
-    ran (wall, summed over calls), the CPU seconds it got, the rows it labelled, and so
+    ran (wall, summed over its calls: one per block), the CPU seconds its process got meanwhile, and so
     - busy: UDF wall / (actors x run seconds): the share of the run the actors were labelling (not waiting
-      for input): near 1 means the model, not the pipeline, sets the pace;
+      for input): near 1 means the model, not the pipeline, sets the pace (actors: the pool's maximum, so a
+      split-layout pool that scaled below --max-actors reads low);
     - cpu_per_wall: UDF CPU / UDF wall, per thread of the actor: below 1 the actor's threads waited for a CPU
       (or for the fused layout's decoder) while inside the UDF.
     In the fused layout the UDF also reads and decodes (in a thread beside the model). None if Ray's stats do
