@@ -269,13 +269,14 @@ def pick_dtype(cfg: JobConfig, gpus_per_actor: float) -> tuple[str, str]:
 
 
 def build_dataset(cfg: JobConfig, shards: list[Shard], model: ModelPlan, gpus_per_actor: float,
-                  dtype: str = "float32", layout: str = "split"):
+                  dtype: str = "float32", layout: str = "split", fused_pool: int | None = None):
     """The streaming plan of a run (not yet executed), in one of two layouts:
 
     split: read+decode tasks (CPU) -> model inputs through the object store -> predictor actors (GPU or CPU);
     fused: actors that read, decode and label whole shards themselves (CPU clusters: no inputs cross the
            object store, and every CPU of an actor runs both decoding and the model).
-    Both emit the same stream: prediction rows and one marker row per shard.
+    Both emit the same stream: prediction rows and one marker row per shard. `fused_pool`: the fused layout's
+    actors (default: `fused_actors(cfg)`).
     """
     import ray
 
@@ -295,7 +296,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], model: ModelPlan, gpus_pe
                         "batch_size": cfg.batch_size, "compile": cfg.compile}
     actors = dict(num_cpus=cfg.cpus_per_actor, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES)
     if layout == "fused":
-        n = fused_actors(cfg)
+        n = fused_pool or fused_actors(cfg)
         return ds.map_batches(ShardLabeler, batch_size=1, batch_format="numpy",
                               compute=ray.data.ActorPoolStrategy(min_size=n, max_size=n), num_gpus=0,
                               fn_constructor_kwargs={"read_kwargs": read_kwargs, "predictor_kwargs": predictor_kwargs},
@@ -474,7 +475,10 @@ def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None)
                "dtype": dtype, "dtype_reason": why, "layout": layout})
     summary.manifests = committer.manifests  # filled as waves commit
     ray_noise.quiet()  # Ray's lines that read as failures; the committer logs what each commit holds
-    ds = build_dataset(cfg, pending, model, gpus, dtype, layout)
+    # the model actors' pool size: read once, for the plan and for `actor_time` (a node lost mid-run would
+    # make a second reading of the cluster's CPUs disagree with the pool that ran)
+    pool = fused_actors(cfg) if layout == "fused" else cfg.max_actors
+    ds = build_dataset(cfg, pending, model, gpus, dtype, layout, fused_pool=pool)
     stream = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=4))
     with watch_head(lambda why: _head_lost(cfg, committer, why)):
         while True:
@@ -491,11 +495,11 @@ def _run_waves(cfg: JobConfig, model: ModelPlan, t0: float, lease: Lease | None)
     committer.finish()
     summary.nodes_lost = nodes.lost()
     summary.seconds = time.perf_counter() - t0
-    summary.actor_time = model_actor_time(ds, layout, cfg, summary.seconds)
+    summary.actor_time = model_actor_time(ds, layout, pool, actor_threads(cfg), summary.seconds)
     return summary
 
 
-def model_actor_time(ds: Any, layout: str, cfg: JobConfig, run_seconds: float) -> dict[str, Any] | None:
+def model_actor_time(ds: Any, layout: str, actors: int, threads: int, run_seconds: float) -> dict[str, Any] | None:
     """How the model actors spent the run, from Ray Data's own stats of this execution: the seconds their UDF
     ran (wall, summed over its calls: one per block), the CPU seconds its process got meanwhile, and so
     - busy: UDF wall / (actors x run seconds): the share of the run the actors were labelling (not waiting
@@ -511,13 +515,12 @@ def model_actor_time(ds: Any, layout: str, cfg: JobConfig, run_seconds: float) -
         if not ops or ops[-1].wall_time is None:
             return None
         op = ops[-1]
-        actors = fused_actors(cfg) if layout == "fused" else cfg.max_actors
-        wall, cpu = float(op.wall_time.sum), float(op.cpu_time.sum) if op.cpu_time is not None else float("nan")
-        threads = max(1, actor_threads(cfg))
+        wall = float(op.wall_time.sum)
+        cpu = float(op.cpu_time.sum) if op.cpu_time is not None else None
         return {"operator": op.operator_name, "actors": actors, "calls": int(op.wall_time.count),
-                "udf_wall_s": round(wall, 3), "udf_cpu_s": round(cpu, 3),
+                "udf_wall_s": round(wall, 3), "udf_cpu_s": round(cpu, 3) if cpu is not None else None,
                 "busy": round(wall / (actors * run_seconds), 3) if run_seconds > 0 else None,
-                "cpu_per_wall": round(cpu / wall / threads, 3) if wall > 0 and math.isfinite(cpu) else None}
+                "cpu_per_wall": round(cpu / wall / max(1, threads), 3) if wall > 0 and cpu is not None else None}
     except Exception as e:  # noqa: BLE001 - telemetry: Ray's stats API moves between versions
         log.debug("no actor time from Ray Data's stats: %s", e)
         return None
